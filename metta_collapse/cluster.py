@@ -1,0 +1,137 @@
+"""Partitions of one layer's units from their aggregated input rows v_i (fibration.md §3)."""
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial.distance import squareform
+
+from metta_collapse.errors import CollapseError
+
+# Above this many units the full distance matrix is not built: average linkage then runs per connected
+# component of the graph of pairs closer than t (exact, since an average-linkage merge at height <= t
+# always joins clusters holding a pair at distance <= t).
+DENSE_LIMIT = 8192
+BLOCK = 2048
+
+
+def canonical(*labelings: np.ndarray) -> np.ndarray:
+    """The common refinement of several labelings, numbered 0..k-1 in order of first occurrence."""
+    columns = [np.asarray(labels, dtype=np.int64).ravel() for labels in labelings]
+    if len(columns[0]) == 0:
+        return columns[0]
+    _, first, inverse = np.unique(np.stack(columns, axis=1), axis=0, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.ravel()]
+
+
+def count(labels: np.ndarray) -> int:
+    return int(labels.max()) + 1 if len(labels) else 0
+
+
+def exact_partition(rows: np.ndarray, tolerance: float) -> np.ndarray:
+    """Group rows equal within `tolerance` relative to the larger row's max-norm.
+
+    Sorted by a random projection, rows of one fiber lie within a window of each other; only neighbours
+    inside that window are compared on full rows, and union-find (connected components) joins them."""
+    rows = np.asarray(rows, dtype=np.float64)
+    n = len(rows)
+    if n <= 1:
+        return np.zeros(n, dtype=np.int64)
+    rows, inverse = np.unique(rows, axis=0, return_inverse=True)  # bit-identical rows merge for free
+    inverse = inverse.ravel()
+    m = len(rows)
+    scale = np.abs(rows).max(axis=1)
+    direction = np.random.default_rng(0).standard_normal(rows.shape[1])
+    projection = rows @ direction
+    order = np.argsort(projection, kind="stable")
+    sorted_projection = projection[order]
+    window = np.abs(direction).sum() * tolerance * scale.max()
+    sources, targets = [np.arange(m)], [np.arange(m)]
+    for offset in range(1, m):
+        near = np.flatnonzero(sorted_projection[offset:] - sorted_projection[:-offset] <= window)
+        if near.size == 0:
+            break
+        i, j = order[near], order[near + offset]
+        close = np.abs(rows[i] - rows[j]).max(axis=1) <= tolerance * np.maximum(scale[i], scale[j])
+        sources.append(i[close])
+        targets.append(j[close])
+    groups = _components(m, np.concatenate(sources), np.concatenate(targets))
+    return canonical(groups[inverse])
+
+
+def _components(n: int, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    graph = coo_matrix((np.ones(len(sources), dtype=np.int8), (sources, targets)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def _distances(block: np.ndarray, rows: np.ndarray, norms_block: np.ndarray, norms: np.ndarray, metric: str):
+    dots = block @ rows.T
+    if metric == "cosine":
+        safe = lambda x: np.where(x > 0, x, 1.0)  # noqa: E731 - zero rows normalise to zero
+        distance = 1.0 - dots / safe(norms_block)[:, None] / safe(norms)[None, :]
+    else:
+        squared = norms_block[:, None] ** 2 + norms[None, :] ** 2 - 2.0 * dots
+        total = norms_block[:, None] + norms[None, :]
+        distance = 2.0 * np.sqrt(np.maximum(squared, 0.0)) / np.where(total > 0, total, 1.0)
+    return np.clip(distance, 0.0, 2.0)
+
+
+def _dense_average_linkage(rows: np.ndarray, threshold: float, metric: str) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1)
+    distance = _distances(rows, rows, norms, norms, metric)
+    distance = (distance + distance.T) / 2.0
+    np.fill_diagonal(distance, 0.0)
+    tree = linkage(squareform(distance, checks=False), method="average")
+    return fcluster(tree, t=threshold, criterion="distance") - 1
+
+
+def linkage_partition(rows: np.ndarray, threshold: float, metric: str, dense_limit: int = DENSE_LIMIT):
+    """Average-linkage clusters cut at `threshold` on the cosine (study parity) or scale-aware distance."""
+    rows = np.asarray(rows, dtype=np.float64)
+    n = len(rows)
+    if n <= 1 or threshold >= 2.0:
+        return np.zeros(n, dtype=np.int64)
+    if n <= dense_limit:
+        return canonical(_dense_average_linkage(rows, threshold, metric))
+    components = _threshold_components(rows, threshold, metric, dense_limit)
+    labels = np.empty(n, dtype=np.int64)
+    next_label = 0
+    for members in np.split(np.argsort(components, kind="stable"), np.cumsum(np.bincount(components))[:-1]):
+        if len(members) == 1:
+            labels[members] = next_label
+            next_label += 1
+            continue
+        local = _dense_average_linkage(rows[members], threshold, metric)
+        labels[members] = local + next_label
+        next_label += int(local.max()) + 1
+    return canonical(labels)
+
+
+def _threshold_components(rows: np.ndarray, threshold: float, metric: str, dense_limit: int) -> np.ndarray:
+    """Connected components of the graph joining units at distance <= threshold, built block by block."""
+    n = len(rows)
+    single = rows.astype(np.float32)
+    norms = np.linalg.norm(single, axis=1)
+    components = np.arange(n)
+    representative = np.arange(n)
+    margin = 1e-5  # float32 blocks: keep borderline pairs, the dense step decides them in float64
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        distance = _distances(single[start:stop], single[start:], norms[start:stop], norms[start:], metric)
+        i, j = np.nonzero(distance <= threshold + margin)
+        keep = j > i
+        sources = np.concatenate([np.arange(n), i[keep] + start])
+        targets = np.concatenate([representative[components], j[keep] + start])
+        components = _components(n, sources, targets)
+        representative = np.empty(n, dtype=np.int64)
+        representative[components[::-1]] = np.arange(n)[::-1]
+        largest = np.bincount(components).max()
+        if largest > dense_limit:
+            raise CollapseError(
+                f"average linkage at t={threshold} joins {largest} of {n} units into one connected group, more "
+                f"than the {dense_limit} whose distance matrix fits in memory; lower the threshold or use "
+                "metric=exact"
+            )
+    return components

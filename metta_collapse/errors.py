@@ -1,0 +1,2 @@
+class CollapseError(RuntimeError):
+    """A model, plan, input or optimizer the engine cannot handle; raised before anything is changed."""

@@ -1,0 +1,228 @@
+"""What a collapse will do: feature spaces and their partitions, per-parameter axis maps, and the report."""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from metta_collapse.cluster import canonical, count
+
+Demand = Callable[[str, np.ndarray], None]
+Kept = Callable[[str], np.ndarray]
+
+
+class Space:
+    """The feature axis of a tensor: which units it has and which of them are copies of each other."""
+
+    n: int
+
+    def labels(self) -> np.ndarray: ...
+
+    def select(self, kept: Kept) -> np.ndarray:
+        """Indices of the units a random ablation keeps, given the kept units of every layer."""
+
+    def refine(self, labels: np.ndarray, demand: Demand) -> None:
+        """Ask the layers producing this space to split their fibers at least as finely as `labels`."""
+
+
+@dataclass(eq=False)
+class Distinct(Space):
+    n: int
+
+    def labels(self) -> np.ndarray:
+        return np.arange(self.n)
+
+    def select(self, kept: Kept) -> np.ndarray:
+        return np.arange(self.n)
+
+    def refine(self, labels: np.ndarray, demand: Demand) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class Units(Space):
+    """The output units of one layer (for an LSTM: the hidden units of one layer)."""
+
+    key: str
+    n: int
+    partition: np.ndarray
+
+    def labels(self) -> np.ndarray:
+        return self.partition
+
+    def select(self, kept: Kept) -> np.ndarray:
+        return kept(self.key)
+
+    def refine(self, labels: np.ndarray, demand: Demand) -> None:
+        demand(self.key, labels)
+
+
+@dataclass(eq=False)
+class Flattened(Space):
+    """Channels flattened with their spatial positions: unit (c, p) has color (color(c), p)."""
+
+    channels: Space
+    positions: int
+
+    @property
+    def n(self) -> int:
+        return self.channels.n * self.positions
+
+    def _expand(self, per_channel: np.ndarray, scale: int) -> np.ndarray:
+        return (per_channel[:, None] * self.positions + np.arange(self.positions)[None, :]).ravel()
+
+    def labels(self) -> np.ndarray:
+        return self._expand(self.channels.labels(), self.positions)
+
+    def select(self, kept: Kept) -> np.ndarray:
+        return self._expand(self.channels.select(kept), self.positions)
+
+    def refine(self, labels: np.ndarray, demand: Demand) -> None:
+        per_position = np.asarray(labels).reshape(self.channels.n, self.positions)
+        self.channels.refine(canonical(*per_position.T), demand)
+
+
+@dataclass(eq=False)
+class Joined(Space):
+    """Spaces concatenated along the feature axis."""
+
+    parts: list[Space]
+
+    @property
+    def n(self) -> int:
+        return sum(part.n for part in self.parts)
+
+    def _offsets(self, pieces: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+        offsets = np.cumsum([0, *sizes[:-1]])
+        return np.concatenate([piece + offset for piece, offset in zip(pieces, offsets, strict=True)])
+
+    def labels(self) -> np.ndarray:
+        pieces = [part.labels() for part in self.parts]
+        return self._offsets(pieces, [count(piece) for piece in pieces])
+
+    def select(self, kept: Kept) -> np.ndarray:
+        return self._offsets([part.select(kept) for part in self.parts], [part.n for part in self.parts])
+
+    def refine(self, labels: np.ndarray, demand: Demand) -> None:
+        for part, piece in zip(self.parts, np.split(labels, np.cumsum([p.n for p in self.parts])[:-1]), strict=True):
+            part.refine(canonical(piece), demand)
+
+
+@dataclass(eq=False)
+class Gated(Space):
+    """An LSTM's gate rows: `blocks` copies of its hidden units (PyTorch order i, f, g, o)."""
+
+    hidden: Space
+    blocks: int = 4
+
+    @property
+    def n(self) -> int:
+        return self.hidden.n * self.blocks
+
+    def labels(self) -> np.ndarray:
+        labels = self.hidden.labels()
+        return np.concatenate([labels + block * count(labels) for block in range(self.blocks)])
+
+    def select(self, kept: Kept) -> np.ndarray:
+        chosen = self.hidden.select(kept)
+        return np.concatenate([chosen + block * self.hidden.n for block in range(self.blocks)])
+
+
+Role = Literal["out", "in"]
+
+
+@dataclass
+class AxisMap:
+    axis: int
+    role: Role  # "out": the axis holds the layer's own units (rows averaged); "in": its inputs (columns summed)
+    space: Space
+
+
+@dataclass
+class ParamMap:
+    name: str
+    new_name: str
+    shape: tuple[int, ...]
+    axes: list[AxisMap]
+
+    def new_shape(self) -> tuple[int, ...]:
+        shape = list(self.shape)
+        for axis_map in self.axes:
+            shape[axis_map.axis] = count(axis_map.space.labels())
+        return tuple(shape)
+
+
+@dataclass
+class StateMap:
+    """How a recurrent-state input maps: one hidden space per LSTM layer along its last axis.
+
+    `layer_axis`: the state holds the layers along axis 0 (an `nn.LSTM`'s h0); `stacked`: after the collapse
+    the layers' states are concatenated along the last axis instead (see `LSTMStack`)."""
+
+    spaces: list[Space]
+    layer_axis: bool
+    stacked: bool
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    kind: str
+    width_before: int
+    width_after: int
+    partition: list[int]
+
+
+@dataclass
+class CollapsePlan:
+    """The result of `analyze`: per layer the partition of its units, and how every parameter changes."""
+
+    layers: list[LayerPlan]
+    params_before: int
+    params_after: int
+    params: dict[str, ParamMap] = field(repr=False)
+    modules: dict[str, str] = field(repr=False)  # module name -> "resize" or "stack"
+    states: dict[str, StateMap] = field(repr=False)
+    links: list[tuple[str, str]] = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "layers": [
+                {
+                    "name": layer.name,
+                    "kind": layer.kind,
+                    "width_before": layer.width_before,
+                    "width_after": layer.width_after,
+                    "partition": layer.partition,
+                }
+                for layer in self.layers
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def table(self) -> str:
+        rows = [("layer", "kind", "before", "after", "kept")]
+        for layer in self.layers:
+            kept = layer.width_after / layer.width_before if layer.width_before else 1.0
+            rows.append((layer.name, layer.kind, str(layer.width_before), str(layer.width_after), f"{kept:.1%}"))
+        rows.append(("parameters", "", str(self.params_before), str(self.params_after), f"{self.kept_fraction:.1%}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                 for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

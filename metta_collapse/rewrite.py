@@ -1,0 +1,330 @@
+"""Apply a plan: rewrite the model's parameters in place and carry the optimizer's state (fibration.md §2, §6).
+
+Every map works one axis at a time. With S the 0/1 fiber membership and s the fiber sizes:
+  weights        "out" axis: mean over the fiber (D⁻¹Sᵀ W)      "in" axis: sum over the fiber (W S)
+  exp_avg (= Eᵀ) "out" axis: sum                              "in" axis: mean
+  exp_avg_sq     "out" axis: s² · mean                        "in" axis: mean
+A random ablation index-selects the kept units on every axis instead, weights and state alike."""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from metta_collapse.cluster import count
+from metta_collapse.errors import CollapseError
+from metta_collapse.plan import AxisMap, CollapsePlan, ParamMap, Space, StateMap
+
+Quantity = Literal["weight", "first_moment", "second_moment"]
+FIRST_MOMENTS = {"exp_avg", "momentum_buffer"}
+SECOND_MOMENTS = {"exp_avg_sq", "max_exp_avg_sq"}
+
+
+class LSTMStack(nn.Module):
+    """Single-layer LSTMs of different widths standing in for one multi-layer `nn.LSTM`.
+
+    Same call as `nn.LSTM`; the state layout differs: h and c are (1, B, H_1 + ... + H_L), each layer's
+    state concatenated along the last axis, so that `num_layers` (1) and `hidden_size` (the sum) still
+    describe the state tensors a caller must pass."""
+
+    def __init__(self, layers: list[nn.LSTM]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.batch_first = layers[0].batch_first
+        self.num_layers = 1
+        self.hidden_size = sum(layer.hidden_size for layer in layers)
+        self.input_size = layers[0].input_size
+
+    def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+        widths = [layer.hidden_size for layer in self.layers]
+        states = zip(*(s.split(widths, dim=-1) for s in hx), strict=True) if hx is not None else [None] * len(widths)
+        hs, cs = [], []
+        for layer, state in zip(self.layers, states, strict=True):
+            x, (h, c) = layer(x, state)
+            hs.append(h)
+            cs.append(c)
+        return x, (torch.cat(hs, dim=-1), torch.cat(cs, dim=-1))
+
+
+def _segments(labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    index = torch.as_tensor(labels, device=device)
+    k = count(labels)
+    return index, torch.bincount(index, minlength=k), k
+
+
+def _reduce(tensor: torch.Tensor, axis: int, labels: np.ndarray, mean: bool) -> torch.Tensor:
+    index, sizes, k = _segments(labels, tensor.device)
+    shape = list(tensor.shape)
+    shape[axis] = k
+    total = tensor.new_zeros(shape).index_add_(axis, index, tensor)
+    if not mean:
+        return total
+    view = [1] * tensor.ndim
+    view[axis] = k
+    return total / sizes.to(tensor.dtype).reshape(view)
+
+
+def map_collapsed(tensor: torch.Tensor, axes: list[AxisMap], quantity: Quantity) -> torch.Tensor:
+    for axis_map in axes:
+        labels = axis_map.space.labels()
+        out = axis_map.role == "out"
+        if quantity == "weight":
+            tensor = _reduce(tensor, axis_map.axis, labels, mean=out)
+        elif quantity == "first_moment":
+            tensor = _reduce(tensor, axis_map.axis, labels, mean=not out)
+        else:
+            tensor = _reduce(tensor, axis_map.axis, labels, mean=True)
+            if out:
+                sizes = _segments(labels, tensor.device)[1].to(tensor.dtype)
+                view = [1] * tensor.ndim
+                view[axis_map.axis] = len(sizes)
+                tensor = tensor * (sizes**2).reshape(view)
+    return tensor
+
+
+def map_selected(tensor: torch.Tensor, axes: list[AxisMap], kept: dict) -> torch.Tensor:
+    for axis_map in axes:
+        index = torch.as_tensor(axis_map.space.select(kept.__getitem__), device=tensor.device)
+        tensor = tensor.index_select(axis_map.axis, index)
+    return tensor
+
+
+def random_selection(plan: CollapsePlan, seed: int) -> dict[str, np.ndarray]:
+    """For each layer, as many randomly chosen units as the plan keeps (linked layers choose together)."""
+    spaces: dict[str, Space] = {}
+    for param in plan.params.values():
+        for axis_map in param.axes:
+            _collect_units(axis_map.space, spaces)
+    for state in plan.states.values():
+        for space in state.spaces:
+            _collect_units(space, spaces)
+    root = {key: key for key in spaces}
+
+    def find(key: str) -> str:
+        while root[key] != key:
+            key = root[key]
+        return key
+
+    for first, second in plan.links:
+        if first.key in root and second.key in root:
+            root[find(second.key)] = find(first.key)
+    generator = np.random.default_rng(seed)
+    chosen: dict[str, np.ndarray] = {}
+    for key in sorted(spaces):
+        group = find(key)
+        if group not in chosen:
+            space = spaces[group]
+            kept = count(space.labels())
+            chosen[group] = np.sort(generator.choice(space.n, size=kept, replace=False))
+        chosen[key] = chosen[group]
+    return chosen
+
+
+def _collect_units(space: Space, into: dict[str, Space]) -> None:
+    key = getattr(space, "key", None)
+    if key is not None:
+        into[key] = space
+    for inner in (getattr(space, "channels", None), getattr(space, "hidden", None), *getattr(space, "parts", [])):
+        if inner is not None:
+            _collect_units(inner, into)
+
+
+def map_state(plan: CollapsePlan, name: str, state: torch.Tensor, kept: dict | None = None) -> torch.Tensor:
+    """A recurrent-state tensor fed to input `name`, mapped to the collapsed (or ablated) widths."""
+    state_map: StateMap = plan.states[name]
+    layers = state.unbind(0) if state_map.layer_axis else [state]
+    if len(layers) != len(state_map.spaces):
+        raise CollapseError(f"state '{name}' has {len(layers)} layers; the plan expects {len(state_map.spaces)}")
+    mapped = []
+    for layer, space in zip(layers, state_map.spaces, strict=True):
+        axes = [AxisMap(layer.ndim - 1, "out", space)]
+        mapped.append(map_selected(layer, axes, kept) if kept is not None else map_collapsed(layer, axes, "weight"))
+    if state_map.stacked:
+        return torch.cat(mapped, dim=-1).unsqueeze(0)
+    return torch.stack(mapped) if state_map.layer_axis else mapped[0]
+
+
+# ----- model rewrite
+
+
+def _tensor(model: nn.Module, name: str) -> tuple[nn.Module, str, torch.Tensor]:
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    return module, attribute, getattr(module, attribute)
+
+
+def _check(model: nn.Module, plan: CollapsePlan) -> None:
+    for param in plan.params.values():
+        try:
+            tensor = _tensor(model, param.name)[2]
+        except AttributeError:
+            raise CollapseError(f"the plan maps '{param.name}', which this model does not have") from None
+        if tuple(tensor.shape) != param.shape:
+            raise CollapseError(
+                f"the plan was made for another model: '{param.name}' is {tuple(tensor.shape)}, the plan expects "
+                f"{param.shape} (already collapsed?)"
+            )
+
+
+def _rewrite(model: nn.Module, plan: CollapsePlan, kept: dict | None) -> dict[str, tuple[str, torch.Tensor]]:
+    """Replace every mapped tensor; returns {old name: (new name, old tensor)}."""
+    replaced = {}
+    with torch.no_grad():
+        for param in plan.params.values():
+            module, attribute, old = _tensor(model, param.name)
+            new = map_selected(old, param.axes, kept) if kept is not None else map_collapsed(old, param.axes, "weight")
+            if isinstance(old, nn.Parameter):
+                setattr(module, attribute, nn.Parameter(new.contiguous(), requires_grad=old.requires_grad))
+            else:
+                module._buffers[attribute] = new.contiguous()
+            replaced[param.name] = (param.new_name, old)
+    for module_name, action in plan.modules.items():
+        module = model.get_submodule(module_name)
+        _resize(module)
+        if action == "stack":
+            _replace(model, module_name, _split_lstm(module))
+    return replaced
+
+
+def _resize(module: nn.Module) -> None:
+    """Make a module's size attributes agree with its (new) parameter shapes."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.out_channels if depthwise else module.weight.shape[1] * module.groups
+        if depthwise:
+            module.groups = module.out_channels
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+        module.num_features = (module.weight if module.affine else module.running_mean).shape[0]
+    elif isinstance(module, nn.LSTM):
+        module.input_size = module.weight_ih_l0.shape[1]
+        module.hidden_size = module.weight_hh_l0.shape[1]
+        module._init_flat_weights()
+
+
+def _split_lstm(lstm: nn.LSTM) -> LSTMStack:
+    layers = []
+    for index in range(lstm.num_layers):
+        weight_hh = getattr(lstm, f"weight_hh_l{index}")
+        layer = nn.LSTM(getattr(lstm, f"weight_ih_l{index}").shape[1], weight_hh.shape[1], bias=lstm.bias,
+                        batch_first=lstm.batch_first, device=weight_hh.device, dtype=weight_hh.dtype)
+        for name in layer._flat_weights_names:
+            setattr(layer, name, getattr(lstm, name.replace("_l0", f"_l{index}")))
+        layer.dropout = lstm.dropout if index < lstm.num_layers - 1 else 0.0
+        layer.train(lstm.training)
+        layers.append(layer)
+    return LSTMStack(layers)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attribute, new)
+
+
+# ----- optimizer
+
+
+def _remap(optimizer: torch.optim.Optimizer, model: nn.Module, plan: CollapsePlan,
+           replaced: dict[str, tuple[str, torch.Tensor]], kept: dict | None) -> None:
+    """Give the optimizer the new parameter objects and their mapped state, matched by parameter name."""
+    by_name = {param.name: param for param in plan.params.values()}
+    updates = {}
+    for name, (new_name, old) in replaced.items():
+        if not isinstance(old, nn.Parameter):
+            continue
+        new = model.get_parameter(new_name)
+        state = optimizer.state.get(old, {})
+        mapped = {}
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.shape != old.shape or value.ndim == 0:
+                mapped[key] = value  # step counters and other scalars are copied
+            elif kept is not None:
+                mapped[key] = map_selected(value, by_name[name].axes, kept)
+            elif key in FIRST_MOMENTS or key in SECOND_MOMENTS:
+                quantity = "first_moment" if key in FIRST_MOMENTS else "second_moment"
+                mapped[key] = map_collapsed(value, by_name[name].axes, quantity)
+            else:
+                raise CollapseError(f"optimizer state '{key}' of '{name}' has no known collapse map "
+                                    f"(supported: {sorted(FIRST_MOMENTS | SECOND_MOMENTS)})")
+        updates[old] = (new, mapped)
+    for group in optimizer.param_groups:
+        group["params"] = [updates[p][0] if p in updates else p for p in group["params"]]
+    for old, (new, mapped) in updates.items():
+        if old in optimizer.state:
+            del optimizer.state[old]
+            optimizer.state[new] = mapped
+
+
+@contextlib.contextmanager
+def _transaction(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Undo every change to the model's modules and the optimizer if the body raises.
+
+    Rewrites only rebind attributes to new tensors and modules, never write into existing tensors, so
+    shallow copies of each module's attribute dictionaries restore it exactly."""
+    saved = [(module, {k: (v.copy() if isinstance(v, dict | list) else v) for k, v in vars(module).items()})
+             for module in model.modules()]
+    groups = [list(group["params"]) for group in optimizer.param_groups] if optimizer is not None else []
+    state = dict(optimizer.state) if optimizer is not None else {}
+    try:
+        yield
+    except BaseException:
+        for module, attributes in saved:
+            vars(module).clear()
+            vars(module).update(attributes)
+        if optimizer is not None:
+            for group, params in zip(optimizer.param_groups, groups, strict=True):
+                group["params"] = params
+            optimizer.state.clear()
+            optimizer.state.update(state)
+        raise
+
+
+def _apply(model: nn.Module, plan: CollapsePlan, optimizer: torch.optim.Optimizer | None, kept: dict | None):
+    _check(model, plan)
+    with _transaction(model, optimizer):
+        replaced = _rewrite(model, plan, kept)
+        if optimizer is not None:
+            _remap(optimizer, model, plan, replaced, kept)
+    plan.replaced = replaced
+    return model
+
+
+def collapse(model: nn.Module, plan: CollapsePlan, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    """Merge every fiber of the plan in place; with `optimizer`, also carry its state — all or nothing."""
+    return _apply(model, plan, optimizer, None)
+
+
+def remap_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, plan: CollapsePlan) -> None:
+    """Carry Adam/AdamW (or SGD momentum) state to a model that `collapse(model, plan)` has rewritten."""
+    replaced = getattr(plan, "replaced", None)
+    if replaced is None:
+        raise CollapseError("remap_optimizer needs a plan that collapse() has applied to the model")
+    with _transaction(nn.Module(), optimizer):
+        _remap(optimizer, model, plan, replaced, getattr(plan, "kept", None))
+
+
+def ablate(model: nn.Module, plan: CollapsePlan, seed: int = 0,
+           optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    """The random-ablation null model, in place: every layer cut to the plan's width, keeping randomly chosen
+    units with their trained weights (and optimizer state, index-selected)."""
+    kept = random_selection(plan, seed)
+    _apply(model, plan, optimizer, kept)
+    plan.kept = kept
+    return model
+
+
+def reinitialize(model: nn.Module, seed: int | None = None) -> nn.Module:
+    """Fresh weights at the model's current widths (the "small architecture from scratch" null model)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return model
