@@ -77,25 +77,119 @@ class _Binding:
     layer_axis: bool
 
 
-UNARY_MODULES = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus, nn.Mish,
-                 nn.ReLU6, nn.Hardtanh, nn.Dropout, nn.Identity)
-UNARY_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, torch.exp, torch.abs, torch.neg, torch.square,
-                   F.relu, F.gelu, F.silu, F.elu, F.leaky_relu, F.softplus, F.mish, F.relu6, F.hardtanh, F.dropout,
-                   operator.neg, torch.clone, torch.detach}
-UNARY_METHODS = {"relu", "tanh", "sigmoid", "exp", "abs", "neg", "square", "float", "double", "half", "to", "type",
-                 "contiguous", "detach", "clone", "cpu", "cuda"}
-BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
-          torch.maximum, torch.minimum, "add", "sub", "mul", "div"}
+UNARY_MODULES = (
+    nn.ReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.Softplus,
+    nn.Mish,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Dropout,
+    nn.Identity,
+)
+UNARY_FUNCTIONS = {
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
+    torch.exp,
+    torch.abs,
+    torch.neg,
+    torch.square,
+    F.relu,
+    F.gelu,
+    F.silu,
+    F.elu,
+    F.leaky_relu,
+    F.softplus,
+    F.mish,
+    F.relu6,
+    F.hardtanh,
+    F.dropout,
+    operator.neg,
+    torch.clone,
+    torch.detach,
+}
+UNARY_METHODS = {
+    "relu",
+    "tanh",
+    "sigmoid",
+    "exp",
+    "abs",
+    "neg",
+    "square",
+    "float",
+    "double",
+    "half",
+    "to",
+    "type",
+    "contiguous",
+    "detach",
+    "clone",
+    "cpu",
+    "cuda",
+}
+BINARY = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+    "add",
+    "sub",
+    "mul",
+    "div",
+}
 MATMUL = {operator.matmul, torch.matmul, "matmul"}
-SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
-                   torch.movedim}
-SHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "permute", "t", "expand",
-                 "unflatten", "movedim", "repeat"}
+SHAPE_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.transpose,
+    torch.permute,
+    torch.movedim,
+}
+SHAPE_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "squeeze",
+    "unsqueeze",
+    "transpose",
+    "permute",
+    "t",
+    "expand",
+    "unflatten",
+    "movedim",
+    "repeat",
+}
 SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 SHAPE_QUERIES = {"size", "dim", "numel"}
 # Normalisations over features count duplicated units, so they stay full width (fibration.md §4).
-KNOWN_BARRIERS = (nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax, F.layer_norm, F.group_norm, F.softmax,
-                  F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+KNOWN_BARRIERS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Softmax,
+    nn.LogSoftmax,
+    F.layer_norm,
+    F.group_norm,
+    F.softmax,
+    F.log_softmax,
+    torch.softmax,
+    torch.log_softmax,
+    "softmax",
+    "log_softmax",
+)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -163,6 +257,11 @@ class _Analysis:
             self.demands[key] = new
             self.changed = True
 
+    def link(self, first: Space, second: Space) -> None:
+        """Layers whose outputs meet element-wise: a random ablation must keep the same units in both."""
+        if isinstance(first, Units) and isinstance(second, Units) and first is not second:
+            self.links.append((first, second))
+
     def threshold_kind(self, node: fx.Node, kind: str) -> str:
         return "critic" if self.roles.get(node) == {"value"} else kind
 
@@ -188,7 +287,7 @@ class _Analysis:
             self.current: dict[str, np.ndarray] = {}
             self.layers: list[_Layer] = []
             self.bindings: list[_Binding] = []
-            self.links: list[tuple[str, str]] = []
+            self.links: list[tuple[Units, Units]] = []
             self.warnings: list[str] = []
             _ColorPass(self).run(*inputs)
             stable = all(count(p) == count(self.previous.get(k, np.zeros(0))) for k, p in self.current.items())
@@ -229,12 +328,13 @@ class _Analysis:
         for layer in self.layers:
             for units in layer.units:
                 name = units.key if len(layer.units) == 1 else units.key.replace(".h", ".l")
-                layers.append(LayerPlan(name, layer.kind, units.n, count(units.partition),
-                                        units.partition.tolist()))
+                layers.append(LayerPlan(name, layer.kind, units.n, count(units.partition), units.partition.tolist()))
             if layer.module is not None:
                 modules[layer.module] = "stack" if layer.module in stacked else "resize"
             for name, axes in layer.params:
-                changing = [a for a in axes if count(a.space.labels()) != a.space.n or not isinstance(a.space, Distinct)]
+                changing = [
+                    a for a in axes if count(a.space.labels()) != a.space.n or not isinstance(a.space, Distinct)
+                ]
                 if not changing:
                     continue
                 new_name = name
@@ -242,14 +342,20 @@ class _Analysis:
                     attribute = name.rsplit(".", 1)[1]
                     base, index = attribute.rsplit("_l", 1)
                     new_name = f"{layer.module}.layers.{index}.{base}_l0"
-                shape = tuple(self.graph.get_parameter(name).shape) if _is_param(self.graph, name) else tuple(
-                    self.graph.get_buffer(name).shape)
+                shape = (
+                    tuple(self.graph.get_parameter(name).shape)
+                    if _is_param(self.graph, name)
+                    else tuple(self.graph.get_buffer(name).shape)
+                )
                 params[name] = ParamMap(name, new_name, shape, changing)
-        states = {b.input: StateMap(self._lstm_spaces(b.module), b.layer_axis, b.module in stacked)
-                  for b in self.bindings}
+        states = {
+            b.input: StateMap(self._lstm_spaces(b.module), b.layer_axis, b.module in stacked) for b in self.bindings
+        }
         before = sum(p.numel() for p in self.model.parameters())
         after = before + sum(
-            int(np.prod(m.new_shape())) - int(np.prod(m.shape)) for m in params.values() if _is_param(self.graph, m.name)
+            int(np.prod(m.new_shape())) - int(np.prod(m.shape))
+            for m in params.values()
+            if _is_param(self.graph, m.name)
         )
         return CollapsePlan(layers, before, after, params, modules, states, self.links, list(self.warnings))
 
@@ -302,8 +408,18 @@ class _ColorPass(fx.Interpreter):
             if target in a.reused and isinstance(module, nn.Linear | nn.LSTM | nn.Embedding | CONVS | BATCHNORMS):
                 return a.barrier(node, metas)
             if isinstance(module, nn.Linear):
-                return self.linear(node, target, module.weight, module.bias, metas[0], args[0], value,
-                                   (f"{target}.weight", 0, 1), f"{target}.bias", target)
+                return self.linear(
+                    node,
+                    target,
+                    module.weight,
+                    module.bias,
+                    metas[0],
+                    args[0],
+                    value,
+                    (f"{target}.weight", 0, 1),
+                    f"{target}.bias",
+                    target,
+                )
             if isinstance(module, CONVS):
                 return self.conv(node, target, module, metas[0], args[0], value)
             if isinstance(module, nn.LSTM):
@@ -361,9 +477,12 @@ class _ColorPass(fx.Interpreter):
         inputs = x_meta.space if isinstance(x_meta, Colored) else None
         labels = inputs.labels() if inputs is not None else None
         kind = a.threshold_kind(node, "linear")
-        units = a.units(key, kind, lambda: _rows(_aggregate_columns(weight, labels), None if bias is None else
-                                                 _numpy(bias)[:, None]),
-                        (kind, None if labels is None else labels.tobytes()))
+        units = a.units(
+            key,
+            kind,
+            lambda: _rows(_aggregate_columns(weight, labels), None if bias is None else _numpy(bias)[:, None]),
+            (kind, None if labels is None else labels.tobytes()),
+        )
         name, out_axis, in_axis = weight_axes
         params = [(name, [AxisMap(out_axis, "out", units)] + ([AxisMap(in_axis, "in", inputs)] if inputs else []))]
         if bias is not None:
@@ -381,8 +500,17 @@ class _ColorPass(fx.Interpreter):
                 return a.barrier(node, metas)
             if names[0].name in a.reused:
                 return a.barrier(node, metas)
-            return self.linear(node, names[0].name, weight, bias, metas[0], args[0], value, (names[0].name, 0, 1),
-                               names[1].name if bias is not None else None)
+            return self.linear(
+                node,
+                names[0].name,
+                weight,
+                bias,
+                metas[0],
+                args[0],
+                value,
+                (names[0].name, 0, 1),
+                names[1].name if bias is not None else None,
+            )
         if node.target is torch.einsum:
             equation, operands, operand_metas = args[0].replace(" ", ""), args[1:], metas[1:]
         else:
@@ -393,8 +521,13 @@ class _ColorPass(fx.Interpreter):
         lhs, output = equation.split("->")
         x_subscripts, w_subscripts = lhs.split(",")
         x_meta, x = operand_metas[0], operands[0]
-        feature = x_subscripts[-1] if not isinstance(x_meta, Colored) else (
-            x_subscripts[x_meta.axis - x.ndim] if x_meta.axis == x.ndim - 1 or "..." not in x_subscripts else None)
+        feature = (
+            x_subscripts[-1]
+            if not isinstance(x_meta, Colored)
+            else (
+                x_subscripts[x_meta.axis - x.ndim] if x_meta.axis == x.ndim - 1 or "..." not in x_subscripts else None
+            )
+        )
         if feature is None or feature not in w_subscripts or feature in output or weight_name in a.reused:
             return a.barrier(node, metas)
         unit = w_subscripts.replace(feature, "")
@@ -415,8 +548,12 @@ class _ColorPass(fx.Interpreter):
         channel_axis = value.ndim - spatial - 1
         if module.groups == 1:
             labels = inputs.labels() if inputs is not None else None
-            units = a.units(key, kind, lambda: _rows(_aggregate_columns(module.weight, labels), bias),
-                            (kind, None if labels is None else labels.tobytes()))
+            units = a.units(
+                key,
+                kind,
+                lambda: _rows(_aggregate_columns(module.weight, labels), bias),
+                (kind, None if labels is None else labels.tobytes()),
+            )
             params = [(f"{key}.weight", [AxisMap(0, "out", units)] + ([AxisMap(1, "in", inputs)] if inputs else []))]
             if module.bias is not None:
                 params.append((f"{key}.bias", [AxisMap(0, "out", units)]))
@@ -426,8 +563,9 @@ class _ColorPass(fx.Interpreter):
             space = inputs or Distinct(module.in_channels)
             own = a.partition(_rows(_numpy(module.weight), bias), kind)
             space.refine(canonical(space.labels(), own), a.demand)
-            params = [(f"{key}.{p}", [AxisMap(0, "out", space)]) for p in ("weight", "bias")
-                      if getattr(module, p) is not None]
+            params = [
+                (f"{key}.{p}", [AxisMap(0, "out", space)]) for p in ("weight", "bias") if getattr(module, p) is not None
+            ]
             a.layers.append(_Layer(key, kind, [], params, key))
             return Colored(space, channel_axis)
         return a.barrier(node, [x_meta])
@@ -466,10 +604,15 @@ class _ColorPass(fx.Interpreter):
             labels = inputs.labels() if inputs is not None else None
             w_ih = _aggregate_columns(getattr(module, f"weight_ih_l{layer}"), labels)
             w_hh = getattr(module, f"weight_hh_l{layer}")
-            bias = (_numpy(getattr(module, f"bias_ih_l{layer}")) + _numpy(getattr(module, f"bias_hh_l{layer}"))
-                    if module.bias else None)
-            start = canonical(np.zeros(hidden, dtype=np.int64),
-                              *[x for x in (a.demands.get(layer_key), a.previous.get(layer_key)) if x is not None])
+            bias = (
+                _numpy(getattr(module, f"bias_ih_l{layer}")) + _numpy(getattr(module, f"bias_hh_l{layer}"))
+                if module.bias
+                else None
+            )
+            start = canonical(
+                np.zeros(hidden, dtype=np.int64),
+                *[x for x in (a.demands.get(layer_key), a.previous.get(layer_key)) if x is not None],
+            )
             signature = (kind, None if labels is None else labels.tobytes(), start.tobytes())
             partition = a.cache.get((layer_key, *signature))
             if partition is None:
@@ -477,8 +620,12 @@ class _ColorPass(fx.Interpreter):
             a.current[layer_key] = partition
             units = Units(layer_key, hidden, partition)
             gates = Gated(units)
-            params.append((f"{key}.weight_ih_l{layer}", [AxisMap(0, "out", gates)] +
-                           ([AxisMap(1, "in", inputs)] if inputs is not None else [])))
+            params.append(
+                (
+                    f"{key}.weight_ih_l{layer}",
+                    [AxisMap(0, "out", gates)] + ([AxisMap(1, "in", inputs)] if inputs is not None else []),
+                )
+            )
             params.append((f"{key}.weight_hh_l{layer}", [AxisMap(0, "out", gates), AxisMap(1, "in", units)]))
             if module.bias:
                 params += [(f"{key}.bias_{side}_l{layer}", [AxisMap(0, "out", gates)]) for side in ("ih", "hh")]
@@ -500,7 +647,7 @@ class _ColorPass(fx.Interpreter):
         hidden, cell = start, np.zeros(size, dtype=np.int64)
         while True:
             rows = _rows(w_ih, _aggregate_columns(w_hh, hidden), None if bias is None else bias[:, None])
-            i, f, g, o = (self.a.partition(rows[k * size:(k + 1) * size], kind) for k in range(4))
+            i, f, g, o = (self.a.partition(rows[k * size : (k + 1) * size], kind) for k in range(4))
             new_cell = canonical(i, f, g, cell)
             new_hidden = canonical(o, new_cell, hidden)
             if count(new_cell) == count(cell) and count(new_hidden) == count(hidden):
@@ -530,16 +677,20 @@ class _ColorPass(fx.Interpreter):
             offset = axis - (value.ndim - arg.ndim)
             if offset < 0 or arg.shape[offset] == 1:
                 continue  # broadcast along the feature axis: the same for every unit
-            if not isinstance(meta, ParamRef) or meta.name in a.reused or arg.ndim - offset != 1 and any(
-                    s != 1 for s in arg.shape[offset + 1:]):
+            if (
+                not isinstance(meta, ParamRef)
+                or meta.name in a.reused
+                or arg.ndim - offset != 1
+                and any(s != 1 for s in arg.shape[offset + 1 :])
+            ):
                 return a.barrier(node, metas)
             per_unit = _numpy(arg.reshape(*arg.shape[:offset], arg.shape[offset]).reshape(-1, arg.shape[offset]).T)
             labels = canonical(labels, exact_partition(per_unit, a.config.tolerance))
             a.layers.append(_Layer(meta.name, "parameter", [], [(meta.name, [AxisMap(offset, "out", first.space)])]))
         for meta, _ in aligned:
             meta.space.refine(labels, a.demand)
-        if len(aligned) == 2 and aligned[0][0].space is not aligned[1][0].space:
-            a.links.append((aligned[0][0].space, aligned[1][0].space))
+        if len(aligned) == 2:
+            a.link(aligned[0][0].space, aligned[1][0].space)
         return Colored(first.space, axis)
 
     def concat(self, node, metas, args, kwargs, value):
@@ -551,16 +702,17 @@ class _ColorPass(fx.Interpreter):
             return a.barrier(node, metas)
         axis = colored[0].axis
         if dim == axis:
-            parts = [m.space if isinstance(m, Colored) else Distinct(t.shape[dim]) for m, t in zip(tensor_metas,
-                                                                                                  tensors, strict=True)]
+            parts = [
+                m.space if isinstance(m, Colored) else Distinct(t.shape[dim])
+                for m, t in zip(tensor_metas, tensors, strict=True)
+            ]
             return Colored(Joined(parts), axis)
         if len(colored) != len(tensors) or len({m.space.n for m in colored}) != 1:
             return a.barrier(node, metas)
         labels = canonical(*[m.space.labels() for m in colored])
         for meta in colored:
             meta.space.refine(labels, a.demand)
-            if meta.space is not colored[0].space:
-                a.links.append((colored[0].space, meta.space))
+            a.link(colored[0].space, meta.space)
         return Colored(colored[0].space, axis)
 
     def reshaped(self, node, meta, apply: Callable, x, value):
@@ -580,19 +732,26 @@ class _ColorPass(fx.Interpreter):
         result = apply(probe)
         for axis in range(result.ndim):
             line = result.movedim(axis, -1).reshape(-1, result.shape[axis])[0]
-            if not torch.equal(result, line.reshape([-1 if d == axis else 1 for d in range(result.ndim)])
-                               .expand(result.shape)):
+            if not torch.equal(
+                result, line.reshape([-1 if d == axis else 1 for d in range(result.ndim)]).expand(result.shape)
+            ):
                 continue
             if torch.equal(line, torch.arange(n, dtype=torch.float64)):
                 return Colored(meta.space, axis)
-            if len(line) % n == 0 and torch.equal(line, torch.arange(n, dtype=torch.float64).repeat_interleave(
-                    len(line) // n)):
+            if len(line) % n == 0 and torch.equal(
+                line, torch.arange(n, dtype=torch.float64).repeat_interleave(len(line) // n)
+            ):
                 return Colored(Flattened(meta.space, len(line) // n), axis)
         return self.a.barrier(node, [meta])
 
 
-def analyze(model: nn.Module, example_inputs: Any, config: CollapseConfig | None = None,
-            spec: ModelSpec | None = None, graph: fx.GraphModule | None = None) -> CollapsePlan:
+def analyze(
+    model: nn.Module,
+    example_inputs: Any,
+    config: CollapseConfig | None = None,
+    spec: ModelSpec | None = None,
+    graph: fx.GraphModule | None = None,
+) -> CollapsePlan:
     """Find the units of `model` that compute the same thing on `example_inputs` and plan their merge.
 
     Pure: the model runs in eval mode without gradients; its mode and buffers are restored. `graph` is the
@@ -610,7 +769,9 @@ def analyze(model: nn.Module, example_inputs: Any, config: CollapseConfig | None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     unknown = set(spec.inputs) - {n.target for n in placeholders}
     if unknown:
-        raise CollapseError(f"spec names inputs {sorted(unknown)}; the model's inputs are {[n.target for n in placeholders]}")
+        raise CollapseError(
+            f"spec names inputs {sorted(unknown)}; the model's inputs are {[n.target for n in placeholders]}"
+        )
     modes = {module: module.training for module in model.modules()}
     buffers = {name: tensor.clone() for name, tensor in model.named_buffers()}
     model.eval()

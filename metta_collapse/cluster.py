@@ -4,15 +4,15 @@ import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from scipy.spatial.distance import squareform
+from scipy.spatial.distance import pdist
 
 from metta_collapse.errors import CollapseError
 
-# Above this many units the full distance matrix is not built: average linkage then runs per connected
-# component of the graph of pairs closer than t (exact, since an average-linkage merge at height <= t
-# always joins clusters holding a pair at distance <= t).
-DENSE_LIMIT = 8192
-BLOCK = 2048
+# Average linkage runs per connected component of the graph of pairs closer than t, which is exact: a merge
+# at height <= t joins clusters whose average distance is <= t, so they hold a pair at distance <= t. The
+# study's full distance matrix is then only built per component, up to this many units (about 1 GiB).
+COMPONENT_LIMIT = 16384
+BLOCK = 1024
 
 
 def canonical(*labelings: np.ndarray) -> np.ndarray:
@@ -78,38 +78,44 @@ def _distances(block: np.ndarray, rows: np.ndarray, norms_block: np.ndarray, nor
     return np.clip(distance, 0.0, 2.0)
 
 
-def _dense_average_linkage(rows: np.ndarray, threshold: float, metric: str) -> np.ndarray:
-    norms = np.linalg.norm(rows, axis=1)
-    distance = _distances(rows, rows, norms, norms, metric)
-    distance = (distance + distance.T) / 2.0
-    np.fill_diagonal(distance, 0.0)
-    tree = linkage(squareform(distance, checks=False), method="average")
+def _condensed_distances(rows: np.ndarray, metric: str) -> np.ndarray:
+    """Pairwise distances in scipy's condensed order, clamped to [0, 2] (float rounding can exceed 2)."""
+    if metric == "cosine":
+        distances = np.nan_to_num(pdist(rows, "cosine"), nan=1.0)  # a zero row normalises to zero
+    else:
+        distances = pdist(rows, "euclidean")
+        norms = np.linalg.norm(rows, axis=1)
+        start = 0
+        for i in range(len(rows) - 1):  # row i's pairs (i, j > i) are one contiguous run
+            stop = start + len(rows) - i - 1
+            total = norms[i] + norms[i + 1 :]
+            distances[start:stop] = 2.0 * distances[start:stop] / np.where(total > 0, total, 1.0)
+            start = stop
+    return np.clip(distances, 0.0, 2.0, out=distances)
+
+
+def _average_linkage(rows: np.ndarray, threshold: float, metric: str) -> np.ndarray:
+    tree = linkage(_condensed_distances(rows, metric), method="average")
     return fcluster(tree, t=threshold, criterion="distance") - 1
 
 
-def linkage_partition(rows: np.ndarray, threshold: float, metric: str, dense_limit: int = DENSE_LIMIT):
+def linkage_partition(rows: np.ndarray, threshold: float, metric: str, component_limit: int = COMPONENT_LIMIT):
     """Average-linkage clusters cut at `threshold` on the cosine (study parity) or scale-aware distance."""
     rows = np.asarray(rows, dtype=np.float64)
     n = len(rows)
     if n <= 1 or threshold >= 2.0:
         return np.zeros(n, dtype=np.int64)
-    if n <= dense_limit:
-        return canonical(_dense_average_linkage(rows, threshold, metric))
-    components = _threshold_components(rows, threshold, metric, dense_limit)
+    components = _threshold_components(rows, threshold, metric, component_limit)
     labels = np.empty(n, dtype=np.int64)
     next_label = 0
     for members in np.split(np.argsort(components, kind="stable"), np.cumsum(np.bincount(components))[:-1]):
-        if len(members) == 1:
-            labels[members] = next_label
-            next_label += 1
-            continue
-        local = _dense_average_linkage(rows[members], threshold, metric)
+        local = _average_linkage(rows[members], threshold, metric) if len(members) > 1 else np.zeros(1, np.int64)
         labels[members] = local + next_label
         next_label += int(local.max()) + 1
     return canonical(labels)
 
 
-def _threshold_components(rows: np.ndarray, threshold: float, metric: str, dense_limit: int) -> np.ndarray:
+def _threshold_components(rows: np.ndarray, threshold: float, metric: str, component_limit: int) -> np.ndarray:
     """Connected components of the graph joining units at distance <= threshold, built block by block."""
     n = len(rows)
     single = rows.astype(np.float32)
@@ -128,10 +134,10 @@ def _threshold_components(rows: np.ndarray, threshold: float, metric: str, dense
         representative = np.empty(n, dtype=np.int64)
         representative[components[::-1]] = np.arange(n)[::-1]
         largest = np.bincount(components).max()
-        if largest > dense_limit:
+        if largest > component_limit:
             raise CollapseError(
                 f"average linkage at t={threshold} joins {largest} of {n} units into one connected group, more "
-                f"than the {dense_limit} whose distance matrix fits in memory; lower the threshold or use "
+                f"than the {component_limit} whose distance matrix fits in memory; lower the threshold or use "
                 "metric=exact"
             )
     return components

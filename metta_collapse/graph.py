@@ -5,7 +5,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from metta_collapse.errors import CollapseError
@@ -54,8 +53,9 @@ def chain_graph(model: nn.Module, inputs: list[str], steps: list[Step | str], ou
             try:
                 model.get_submodule(step.target)
             except AttributeError as error:
-                raise CollapseError(f"layer chain step {index}: {type(model).__name__} has no submodule "
-                                    f"'{step.target}'") from error
+                raise CollapseError(
+                    f"layer chain step {index}: {type(model).__name__} has no submodule '{step.target}'"
+                ) from error
             node = graph.call_module(step.target, args, step.kwargs)
         else:
             node = graph.call_function(step.target, args, step.kwargs)
@@ -74,7 +74,3 @@ def as_graph(model: nn.Module, graph: fx.GraphModule | None) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
     return trace(model)
-
-
-def is_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor)

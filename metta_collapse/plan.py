@@ -70,14 +70,14 @@ class Flattened(Space):
     def n(self) -> int:
         return self.channels.n * self.positions
 
-    def _expand(self, per_channel: np.ndarray, scale: int) -> np.ndarray:
+    def _expand(self, per_channel: np.ndarray) -> np.ndarray:
         return (per_channel[:, None] * self.positions + np.arange(self.positions)[None, :]).ravel()
 
     def labels(self) -> np.ndarray:
-        return self._expand(self.channels.labels(), self.positions)
+        return self._expand(self.channels.labels())
 
     def select(self, kept: Kept) -> np.ndarray:
-        return self._expand(self.channels.select(kept), self.positions)
+        return self._expand(self.channels.select(kept))
 
     def refine(self, labels: np.ndarray, demand: Demand) -> None:
         per_position = np.asarray(labels).reshape(self.channels.n, self.positions)
@@ -185,8 +185,11 @@ class CollapsePlan:
     params: dict[str, ParamMap] = field(repr=False)
     modules: dict[str, str] = field(repr=False)  # module name -> "resize" or "stack"
     states: dict[str, StateMap] = field(repr=False)
-    links: list[tuple[str, str]] = field(repr=False)
+    links: list[tuple[Units, Units]] = field(repr=False)
     warnings: list[str] = field(default_factory=list)
+    # set when the plan is applied: {old name: (new name, old tensor)}, and the units an ablation kept
+    replaced: dict | None = field(default=None, repr=False)
+    kept: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def kept_fraction(self) -> float:
@@ -218,8 +221,8 @@ class CollapsePlan:
             rows.append((layer.name, layer.kind, str(layer.width_before), str(layer.width_after), f"{kept:.1%}"))
         rows.append(("parameters", "", str(self.params_before), str(self.params_after), f"{self.kept_fraction:.1%}"))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                 for row in rows]
+        align = [str.ljust, str.ljust, str.rjust, str.rjust, str.rjust]
+        lines = ["  ".join(a(cell, w) for a, cell, w in zip(align, row, widths, strict=True)) for row in rows]
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
         return "\n".join(lines)

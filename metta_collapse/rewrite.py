@@ -16,7 +16,7 @@ from torch import nn
 
 from metta_collapse.cluster import count
 from metta_collapse.errors import CollapseError
-from metta_collapse.plan import AxisMap, CollapsePlan, ParamMap, Space, StateMap
+from metta_collapse.plan import AxisMap, CollapsePlan, Space, StateMap
 
 Quantity = Literal["weight", "first_moment", "second_moment"]
 FIRST_MOMENTS = {"exp_avg", "momentum_buffer"}
@@ -213,8 +213,14 @@ def _split_lstm(lstm: nn.LSTM) -> LSTMStack:
     layers = []
     for index in range(lstm.num_layers):
         weight_hh = getattr(lstm, f"weight_hh_l{index}")
-        layer = nn.LSTM(getattr(lstm, f"weight_ih_l{index}").shape[1], weight_hh.shape[1], bias=lstm.bias,
-                        batch_first=lstm.batch_first, device=weight_hh.device, dtype=weight_hh.dtype)
+        layer = nn.LSTM(
+            getattr(lstm, f"weight_ih_l{index}").shape[1],
+            weight_hh.shape[1],
+            bias=lstm.bias,
+            batch_first=lstm.batch_first,
+            device=weight_hh.device,
+            dtype=weight_hh.dtype,
+        )
         for name in layer._flat_weights_names:
             setattr(layer, name, getattr(lstm, name.replace("_l0", f"_l{index}")))
         layer.dropout = lstm.dropout if index < lstm.num_layers - 1 else 0.0
@@ -231,8 +237,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 # ----- optimizer
 
 
-def _remap(optimizer: torch.optim.Optimizer, model: nn.Module, plan: CollapsePlan,
-           replaced: dict[str, tuple[str, torch.Tensor]], kept: dict | None) -> None:
+def _remap(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    plan: CollapsePlan,
+    replaced: dict[str, tuple[str, torch.Tensor]],
+    kept: dict | None,
+) -> None:
     """Give the optimizer the new parameter objects and their mapped state, matched by parameter name."""
     by_name = {param.name: param for param in plan.params.values()}
     updates = {}
@@ -251,8 +262,10 @@ def _remap(optimizer: torch.optim.Optimizer, model: nn.Module, plan: CollapsePla
                 quantity = "first_moment" if key in FIRST_MOMENTS else "second_moment"
                 mapped[key] = map_collapsed(value, by_name[name].axes, quantity)
             else:
-                raise CollapseError(f"optimizer state '{key}' of '{name}' has no known collapse map "
-                                    f"(supported: {sorted(FIRST_MOMENTS | SECOND_MOMENTS)})")
+                raise CollapseError(
+                    f"optimizer state '{key}' of '{name}' has no known collapse map "
+                    f"(supported: {sorted(FIRST_MOMENTS | SECOND_MOMENTS)})"
+                )
         updates[old] = (new, mapped)
     for group in optimizer.param_groups:
         group["params"] = [updates[p][0] if p in updates else p for p in group["params"]]
@@ -268,8 +281,10 @@ def _transaction(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> I
 
     Rewrites only rebind attributes to new tensors and modules, never write into existing tensors, so
     shallow copies of each module's attribute dictionaries restore it exactly."""
-    saved = [(module, {k: (v.copy() if isinstance(v, dict | list) else v) for k, v in vars(module).items()})
-             for module in model.modules()]
+    saved = [
+        (module, {k: (v.copy() if isinstance(v, dict | list) else v) for k, v in vars(module).items()})
+        for module in model.modules()
+    ]
     groups = [list(group["params"]) for group in optimizer.param_groups] if optimizer is not None else []
     state = dict(optimizer.state) if optimizer is not None else {}
     try:
@@ -303,15 +318,16 @@ def collapse(model: nn.Module, plan: CollapsePlan, optimizer: torch.optim.Optimi
 
 def remap_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, plan: CollapsePlan) -> None:
     """Carry Adam/AdamW (or SGD momentum) state to a model that `collapse(model, plan)` has rewritten."""
-    replaced = getattr(plan, "replaced", None)
+    replaced = plan.replaced
     if replaced is None:
         raise CollapseError("remap_optimizer needs a plan that collapse() has applied to the model")
     with _transaction(nn.Module(), optimizer):
-        _remap(optimizer, model, plan, replaced, getattr(plan, "kept", None))
+        _remap(optimizer, model, plan, replaced, plan.kept)
 
 
-def ablate(model: nn.Module, plan: CollapsePlan, seed: int = 0,
-           optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+def ablate(
+    model: nn.Module, plan: CollapsePlan, seed: int = 0, optimizer: torch.optim.Optimizer | None = None
+) -> nn.Module:
     """The random-ablation null model, in place: every layer cut to the plan's width, keeping randomly chosen
     units with their trained weights (and optimizer state, index-selected)."""
     kept = random_selection(plan, seed)

@@ -14,8 +14,9 @@ def owners(fiber_sizes: np.ndarray, generator: np.random.Generator) -> np.ndarra
     return generator.permutation(np.repeat(np.arange(len(fiber_sizes)), fiber_sizes))
 
 
-def expand(weight: torch.Tensor, out_owner: np.ndarray | None, in_owner: np.ndarray | None,
-           generator: np.random.Generator) -> torch.Tensor:
+def expand(
+    weight: torch.Tensor, out_owner: np.ndarray | None, in_owner: np.ndarray | None, generator: np.random.Generator
+) -> torch.Tensor:
     """Rows copied by `out_owner`; along dim 1 each base column spread over its copies with random fractions."""
     w = weight.detach().double().numpy()
     if out_owner is not None:

@@ -183,8 +183,10 @@ def test_multilayer_lstm_with_different_widths_becomes_a_stack():
     out1, (h1, c1) = base1(x)
     out2, _ = base2(out1)
     reference = head(out2).detach()
-    spec = mc.ModelSpec(inputs={"x": mc.InputSpec(axis=2), "h": mc.InputSpec(role="state"),
-                                "c": mc.InputSpec(role="state")}, outputs=["logits", "state", "state"])
+    spec = mc.ModelSpec(
+        inputs={"x": mc.InputSpec(axis=2), "h": mc.InputSpec(role="state"), "c": mc.InputSpec(role="state")},
+        outputs=["logits", "state", "state"],
+    )
     plan = mc.analyze(big, (x, h, c), EXACT, spec)
     assert [layer.width_after for layer in plan.layers[:2]] == [3, 5]
     mc.collapse(big, plan)
