@@ -174,6 +174,7 @@ SHAPE_METHODS = {
     "repeat",
 }
 SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
+TRANSPOSES = {"T", "mT"}
 SHAPE_QUERIES = {"size", "dim", "numel"}
 # Normalisations over features count duplicated units, so they stay full width (fibration.md §4).
 KNOWN_BARRIERS = (
@@ -332,9 +333,7 @@ class _Analysis:
             if layer.module is not None:
                 modules[layer.module] = "stack" if layer.module in stacked else "resize"
             for name, axes in layer.params:
-                changing = [
-                    a for a in axes if count(a.space.labels()) != a.space.n or not isinstance(a.space, Distinct)
-                ]
+                changing = [a for a in axes if count(a.space.labels()) != a.space.n]
                 if not changing:
                     continue
                 new_name = name
@@ -435,7 +434,7 @@ class _ColorPass(fx.Interpreter):
             return a.barrier(node, metas, known=isinstance(module, KNOWN_BARRIERS))
         if target is operator.getitem and isinstance(metas[0], tuple | list):
             return metas[0][args[1]]
-        if target is getattr or target in SHAPE_QUERIES:
+        if target in SHAPE_QUERIES or (target is getattr and not isinstance(value, torch.Tensor)):
             return None
         colored = [m for m in _flat(metas) if isinstance(m, Colored | PerLayer | StateTag)]
         if not colored:
@@ -448,8 +447,12 @@ class _ColorPass(fx.Interpreter):
             return self.contraction(node, metas, args, kwargs, value)
         if target in (torch.cat, torch.concat):
             return self.concat(node, metas, args, kwargs, value)
-        if target in SHAPE_FUNCTIONS or target in SHAPE_METHODS or target is operator.getitem:
-            if node.op == "call_method":
+        if target in SHAPE_FUNCTIONS or target in SHAPE_METHODS or target is operator.getitem or (
+            target is getattr and args[1] in TRANSPOSES
+        ):
+            if target is getattr:
+                apply = lambda probe: getattr(probe, args[1])  # noqa: E731
+            elif node.op == "call_method":
                 apply = lambda probe: getattr(probe, target)(*args[1:], **kwargs)  # noqa: E731
             else:
                 apply = lambda probe: target(probe, *args[1:], **kwargs)  # noqa: E731
@@ -521,14 +524,10 @@ class _ColorPass(fx.Interpreter):
         lhs, output = equation.split("->")
         x_subscripts, w_subscripts = lhs.split(",")
         x_meta, x = operand_metas[0], operands[0]
-        feature = (
-            x_subscripts[-1]
-            if not isinstance(x_meta, Colored)
-            else (
-                x_subscripts[x_meta.axis - x.ndim] if x_meta.axis == x.ndim - 1 or "..." not in x_subscripts else None
-            )
-        )
-        if feature is None or feature not in w_subscripts or feature in output or weight_name in a.reused:
+        if isinstance(x_meta, Colored) and x_meta.axis != x.ndim - 1:
+            return a.barrier(node, metas)
+        feature = x_subscripts[-1]
+        if feature not in w_subscripts or feature in output or weight_name in a.reused:
             return a.barrier(node, metas)
         unit = w_subscripts.replace(feature, "")
         if len(unit) != 1 or not output.endswith(unit):
@@ -594,6 +593,8 @@ class _ColorPass(fx.Interpreter):
         x_meta, x = metas[0], args[0]
         if module.proj_size or module.bidirectional or (isinstance(x_meta, Colored) and x_meta.axis != x.ndim - 1):
             return a.barrier(node, metas)
+        if any(isinstance(m, Colored | PerLayer) for m in _flat(metas[1:])):
+            return a.barrier(node, metas)  # a state computed from features would have to follow the LSTM's fibers
         kind = a.threshold_kind(node, "lstm")
         inputs = x_meta.space if isinstance(x_meta, Colored) else None
         hidden = module.hidden_size
@@ -659,6 +660,8 @@ class _ColorPass(fx.Interpreter):
     def binary(self, node, metas, args, value):
         """Element-wise op of two tensors: colors pair up; both producers must split to the common refinement."""
         a = self.a
+        if not any(isinstance(m, Colored) for m in metas[:2]) and any(isinstance(m, StateTag) for m in metas[:2]):
+            return next(m for m in metas[:2] if isinstance(m, StateTag))  # e.g. a state reset by a done mask
         if not isinstance(value, torch.Tensor):
             return a.barrier(node, metas)
         aligned = []
@@ -698,7 +701,9 @@ class _ColorPass(fx.Interpreter):
         tensors, tensor_metas = args[0], metas[0]
         dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % value.ndim
         colored = [m for m in tensor_metas if isinstance(m, Colored)]
-        if any(m.axis != colored[0].axis or isinstance(m, PerLayer | StateTag) for m in tensor_metas if m is not None):
+        if not colored or any(isinstance(m, PerLayer | StateTag) for m in tensor_metas):
+            return a.barrier(node, metas)
+        if any(m.axis != colored[0].axis for m in colored):
             return a.barrier(node, metas)
         axis = colored[0].axis
         if dim == axis:

@@ -17,13 +17,17 @@ BLOCK = 1024
 
 def canonical(*labelings: np.ndarray) -> np.ndarray:
     """The common refinement of several labelings, numbered 0..k-1 in order of first occurrence."""
-    columns = [np.asarray(labels, dtype=np.int64).ravel() for labels in labelings]
-    if len(columns[0]) == 0:
-        return columns[0]
-    _, first, inverse = np.unique(np.stack(columns, axis=1), axis=0, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
+    code = np.zeros(len(np.asarray(labelings[0]).ravel()), dtype=np.int64)
+    for labels in labelings:  # fold one labeling at a time: codes stay below n**2
+        labels = np.asarray(labels, dtype=np.int64).ravel()
+        code = np.unique(code * (labels.max(initial=0) + 1) + labels, return_inverse=True)[1].ravel()
+    if len(code) == 0:
+        return code
+    first = np.full(code.max() + 1, len(code))
+    np.minimum.at(first, code, np.arange(len(code)))
+    rank = np.empty_like(first)
     rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inverse.ravel()]
+    return rank[code]
 
 
 def count(labels: np.ndarray) -> int:
@@ -33,26 +37,32 @@ def count(labels: np.ndarray) -> int:
 def exact_partition(rows: np.ndarray, tolerance: float) -> np.ndarray:
     """Group rows equal within `tolerance` relative to the larger row's max-norm.
 
-    Sorted by a random projection, rows of one fiber lie within a window of each other; only neighbours
-    inside that window are compared on full rows, and union-find (connected components) joins them."""
+    Rows of one fiber have nearly equal random projections: sorted by the first projection, each row is
+    compared only with neighbours inside the window that tolerance allows, pairs outside the window of any
+    other projection are dropped, the rest are verified on full rows, and union-find joins them."""
     rows = np.asarray(rows, dtype=np.float64)
     n = len(rows)
     if n <= 1:
         return np.zeros(n, dtype=np.int64)
-    rows, inverse = np.unique(rows, axis=0, return_inverse=True)  # bit-identical rows merge for free
-    inverse = inverse.ravel()
+    directions = np.random.default_rng(0).standard_normal((rows.shape[1], 4))
+    projections = rows @ directions
+    # rows with identical projections differ by less than float64 resolves: merge them before the window
+    # search, which would otherwise compare every pair of a large fiber (dead units, say)
+    projections, first, inverse = np.unique(projections, axis=0, return_index=True, return_inverse=True)
+    rows, inverse = rows[first], inverse.ravel()
     m = len(rows)
     scale = np.abs(rows).max(axis=1)
-    direction = np.random.default_rng(0).standard_normal(rows.shape[1])
-    projection = rows @ direction
-    order = np.argsort(projection, kind="stable")
-    sorted_projection = projection[order]
-    window = np.abs(direction).sum() * tolerance * scale.max()
+    # |(vi - vj) . r| <= |r|_1 |vi - vj|_inf <= |r|_1 * tolerance * max scale
+    windows = np.abs(directions).sum(axis=0) * tolerance * scale.max()
+    order = np.argsort(projections[:, 0], kind="stable")
+    projections = projections[order]
     sources, targets = [np.arange(m)], [np.arange(m)]
     for offset in range(1, m):
-        near = np.flatnonzero(sorted_projection[offset:] - sorted_projection[:-offset] <= window)
+        near = np.flatnonzero(projections[offset:, 0] - projections[:-offset, 0] <= windows[0])
         if near.size == 0:
             break
+        gaps = np.abs(projections[near + offset, 1:] - projections[near, 1:])
+        near = near[(gaps <= windows[1:]).all(axis=1)]
         i, j = order[near], order[near + offset]
         close = np.abs(rows[i] - rows[j]).max(axis=1) <= tolerance * np.maximum(scale[i], scale[j])
         sources.append(i[close])

@@ -15,15 +15,20 @@ def owners(fiber_sizes: np.ndarray, generator: np.random.Generator) -> np.ndarra
 
 
 def expand(
-    weight: torch.Tensor, out_owner: np.ndarray | None, in_owner: np.ndarray | None, generator: np.random.Generator
+    weight: torch.Tensor,
+    out_owner: np.ndarray | None,
+    in_owner: np.ndarray | None,
+    generator: np.random.Generator,
+    equal: bool = False,
 ) -> torch.Tensor:
-    """Rows copied by `out_owner`; along dim 1 each base column spread over its copies with random fractions."""
+    """Rows copied by `out_owner`; along dim 1 each base column spread over its copies with random fractions
+    (different in every row), or `equal` ones: only then do gradients keep the symmetry during training."""
     w = weight.detach().double().numpy()
     if out_owner is not None:
         w = w[out_owner]
     if in_owner is not None:
         columns = w[:, in_owner]
-        fractions = generator.uniform(0.2, 1.0, size=columns.shape)
+        fractions = np.ones(columns.shape) if equal else generator.uniform(0.2, 1.0, size=columns.shape)
         totals = np.zeros((w.shape[0], w.shape[1], *w.shape[2:]))
         np.add.at(totals, (slice(None), in_owner), fractions)
         w = columns * fractions / totals[:, in_owner]

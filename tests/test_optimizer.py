@@ -10,7 +10,7 @@ from metta_collapse import rewrite
 
 
 def trained(seed: int = 0, steps: int = 3):
-    _, big, _ = planted_mlp(seed)
+    _, big, _ = planted_mlp(seed, equal=steps > 0)  # equal column splits: training keeps the symmetry
     optimizer = torch.optim.Adam(big.parameters(), lr=1e-3)
     x, y = torch.randn(32, 6), torch.randn(32, 3)
     for _ in range(steps):
@@ -105,6 +105,7 @@ def test_ablation_keeps_the_widths_and_selects_weights_and_state():
     plan = mc.analyze(big, x, EXACT)
     old_weight = big[2].weight.detach().clone()
     old_state = optimizer.state[big[2].weight]["exp_avg_sq"].clone()
+    assert [layer.width_after for layer in plan.layers] == [5, 7, 3]
     mc.ablate(big, plan, seed=7, optimizer=optimizer)
     assert sum(p.numel() for p in big.parameters()) == plan.params_after
     rows, columns = plan.kept["2"], plan.kept["0"]

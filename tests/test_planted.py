@@ -18,7 +18,7 @@ def mlp(widths: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def planted_mlp(seed: int = 0):
+def planted_mlp(seed: int = 0, equal: bool = False):
     g = np.random.default_rng(seed)
     torch.manual_seed(seed)
     base = mlp([6, 5, 7, 3])
@@ -27,9 +27,9 @@ def planted_mlp(seed: int = 0):
     with torch.no_grad():
         big[0].weight.copy_(expand(base[0].weight, o1, None, g))
         big[0].bias.copy_(expand_rows(base[0].bias, o1))
-        big[2].weight.copy_(expand(base[2].weight, o2, o1, g))
+        big[2].weight.copy_(expand(base[2].weight, o2, o1, g, equal))
         big[2].bias.copy_(expand_rows(base[2].bias, o2))
-        big[4].weight.copy_(expand(base[4].weight, None, o2, g))
+        big[4].weight.copy_(expand(base[4].weight, None, o2, g, equal))
         big[4].bias.copy_(base[4].bias)
     return base, big, (o1, o2)
 
