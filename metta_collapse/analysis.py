@@ -518,6 +518,8 @@ class _ColorPass(fx.Interpreter):
             equation, operands, operand_metas = args[0].replace(" ", ""), args[1:], metas[1:]
         else:
             equation, operands, operand_metas = "...i,io->...o", args, metas
+        if len(operands) == 2 and not any(isinstance(m, ParamRef) for m in operand_metas):
+            return a.barrier(node, metas, known=True)  # two activations, e.g. bilinear scoring: both keep width
         if len(operands) != 2 or not isinstance(operand_metas[1], ParamRef) or operands[1].ndim != 2:
             return a.barrier(node, metas)
         weight_name = operand_metas[1].name
