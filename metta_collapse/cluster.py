@@ -57,12 +57,14 @@ def exact_partition(rows: np.ndarray, tolerance: float) -> np.ndarray:
     order = np.argsort(projections[:, 0], kind="stable")
     projections = projections[order]
     sources, targets = [np.arange(m)], [np.arange(m)]
+    active = np.arange(m)  # rows whose window still reaches further: gaps only grow with the offset
     for offset in range(1, m):
-        near = np.flatnonzero(projections[offset:, 0] - projections[:-offset, 0] <= windows[0])
-        if near.size == 0:
+        active = active[active + offset < m]
+        active = active[projections[active + offset, 0] - projections[active, 0] <= windows[0]]
+        if active.size == 0:
             break
-        gaps = np.abs(projections[near + offset, 1:] - projections[near, 1:])
-        near = near[(gaps <= windows[1:]).all(axis=1)]
+        gaps = np.abs(projections[active + offset, 1:] - projections[active, 1:])
+        near = active[(gaps <= windows[1:]).all(axis=1)]
         i, j = order[near], order[near + offset]
         close = np.abs(rows[i] - rows[j]).max(axis=1) <= tolerance * np.maximum(scale[i], scale[j])
         sources.append(i[close])
