@@ -243,15 +243,17 @@ def _remap(
     plan: CollapsePlan,
     replaced: dict[str, tuple[str, torch.Tensor]],
     kept: dict | None,
+    reset: bool = False,
 ) -> None:
-    """Give the optimizer the new parameter objects and their mapped state, matched by parameter name."""
+    """Give the optimizer the new parameter objects and their mapped state (or none: `reset`), matched by
+    parameter name."""
     by_name = {param.name: param for param in plan.params.values()}
     updates = {}
     for name, (new_name, old) in replaced.items():
         if not isinstance(old, nn.Parameter):
             continue
         new = model.get_parameter(new_name)
-        state = optimizer.state.get(old, {})
+        state = {} if reset else optimizer.state.get(old, {})
         mapped = {}
         for key, value in state.items():
             if not isinstance(value, torch.Tensor) or value.shape != old.shape or value.ndim == 0:
@@ -276,7 +278,7 @@ def _remap(
 
 
 @contextlib.contextmanager
-def _transaction(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+def transaction(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
     """Undo every change to the model's modules and the optimizer if the body raises.
 
     Rewrites only rebind attributes to new tensors and modules, never write into existing tensors, so
@@ -303,7 +305,7 @@ def _transaction(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> I
 
 def _apply(model: nn.Module, plan: CollapsePlan, optimizer: torch.optim.Optimizer | None, kept: dict | None):
     _check(model, plan)
-    with _transaction(model, optimizer):
+    with transaction(model, optimizer):
         replaced = _rewrite(model, plan, kept)
         if optimizer is not None:
             _remap(optimizer, model, plan, replaced, kept)
@@ -316,13 +318,16 @@ def collapse(model: nn.Module, plan: CollapsePlan, optimizer: torch.optim.Optimi
     return _apply(model, plan, optimizer, None)
 
 
-def remap_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, plan: CollapsePlan) -> None:
-    """Carry Adam/AdamW (or SGD momentum) state to a model that `collapse(model, plan)` has rewritten."""
+def remap_optimizer(
+    optimizer: torch.optim.Optimizer, model: nn.Module, plan: CollapsePlan, reset: bool = False
+) -> None:
+    """Carry Adam/AdamW (or SGD momentum) state to a model that `collapse` or `ablate` has rewritten with
+    `plan`; `reset` gives the new parameters fresh state instead."""
     replaced = plan.replaced
     if replaced is None:
-        raise CollapseError("remap_optimizer needs a plan that collapse() has applied to the model")
-    with _transaction(nn.Module(), optimizer):
-        _remap(optimizer, model, plan, replaced, plan.kept)
+        raise CollapseError("remap_optimizer needs a plan that collapse() or ablate() has applied to the model")
+    with transaction(nn.Module(), optimizer):
+        _remap(optimizer, model, plan, replaced, plan.kept, reset)
 
 
 def ablate(

@@ -58,3 +58,58 @@ def same_partition(a, b) -> bool:
     a, b = np.asarray(a), np.asarray(b)
     pairs = set(zip(a.tolist(), b.tolist(), strict=True))
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def expand_fast(policy, copies: int, seed: int = 0):
+    """A `fast` policy whose every hidden unit is `copies` copies of the base core's (equal column splits,
+    so training keeps the symmetry); heads' outputs and the action embeddings keep their size."""
+    from metta_collapse.training.policy import FastCore, FastPolicy
+
+    base = policy.core
+    g = np.random.default_rng(seed)
+    widths = {
+        name: module.weight.shape[0]
+        for name, module in [
+            ("cnn1", base.cnn1),
+            ("cnn2", base.cnn2),
+            ("fc1", base.fc1),
+            ("encoded_obs", base.encoded_obs),
+            ("actor_1", base.actor_1),
+            ("critic_1", base.critic_1),
+        ]
+    }
+    widths |= {
+        "lstm1": base.lstm1.hidden_size,
+        "lstm2": base.lstm2.hidden_size,
+        "action_embedding": base.action_embeddings.weight.shape[1],
+    }
+    owner = {name: g.permutation(np.repeat(np.arange(n), copies)) for name, n in widths.items()}
+    big_widths = {name: len(o) for name, o in owner.items()} | {"action_embedding": widths["action_embedding"]}
+    height, width = policy.obs_height, policy.obs_width
+    big = FastCore(base.cnn1.in_channels, height, width, base.action_embeddings.num_embeddings, big_widths)
+    positions = base.fc1.in_features // widths["cnn2"]
+    flat = (owner["cnn2"][:, None] * positions + np.arange(positions)).ravel()
+    with torch.no_grad():
+        for name, inputs in [
+            ("cnn1", None),
+            ("cnn2", "cnn1"),
+            ("fc1", flat),
+            ("encoded_obs", "fc1"),
+            ("actor_1", "lstm2"),
+            ("critic_1", "lstm2"),
+        ]:
+            in_owner = owner[inputs] if isinstance(inputs, str) else inputs
+            getattr(big, name).weight.copy_(expand(getattr(base, name).weight, owner[name], in_owner, g, True))
+            getattr(big, name).bias.copy_(expand_rows(getattr(base, name).bias, owner[name]))
+        for name, inputs in [("lstm1", "encoded_obs"), ("lstm2", "lstm1")]:
+            b, w, rows = getattr(base, name), getattr(big, name), gate_owner(owner[name], widths[name])
+            w.weight_ih_l0.copy_(expand(b.weight_ih_l0, rows, owner[inputs], g, True))
+            w.weight_hh_l0.copy_(expand(b.weight_hh_l0, rows, owner[name], g, True))
+            w.bias_ih_l0.copy_(expand_rows(b.bias_ih_l0, rows))
+            w.bias_hh_l0.copy_(expand_rows(b.bias_hh_l0, rows))
+        big.value.weight.copy_(expand(base.value.weight, None, owner["critic_1"], g, True))
+        big.value.bias.copy_(base.value.bias)
+        big.action_query_weight.copy_(expand(base.action_query_weight.T, None, owner["actor_1"], g, True).T)
+        big.action_embeddings.weight.copy_(base.action_embeddings.weight)
+        big.action_bias.copy_(base.action_bias)
+    return FastPolicy(big, height, width, policy.feature_scale.clone())
