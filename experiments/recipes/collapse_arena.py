@@ -1,0 +1,22 @@
+"""Train the arena, collapse the policy by fibration symmetry at `collapse.epoch_idx`, keep training.
+
+    ./tools/run.py experiments.recipes.collapse_arena.train run=c1 collapse.epoch_idx=300 collapse.thresholds.lstm=1.0
+    ./tools/run.py experiments.recipes.collapse_arena.train collapse.init_from=base collapse.epoch_idx=300
+    ./tools/run.py experiments.recipes.collapse_arena.sweep trials=8 trial.trainer.total_timesteps=2000000
+
+Built on the baseline recipe `arena_basic_easy_shaped`: the same tool, plus the `collapse` section.
+"""
+
+from experiments.recipes import arena_basic_easy_shaped
+from metta_collapse.training.collapse import CollapseTrainTool
+from metta_collapse.training.sweep import SweepTool
+
+
+def train(run: str | None = None) -> CollapseTrainTool:
+    base = arena_basic_easy_shaped.train(run)
+    # attribute objects, not model_dump(): typed sub-configs stay typed
+    return CollapseTrainTool(**{name: getattr(base, name) for name in type(base).model_fields})
+
+
+def sweep(name: str = "collapse_sweep") -> SweepTool:
+    return SweepTool(name=name, trial=train())

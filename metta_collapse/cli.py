@@ -1,0 +1,163 @@
+"""`metta-collapse analyze|compare`: symmetry of a checkpoint or over a run's training; learning curves of runs.
+
+metta-collapse analyze train_dir/base/checkpoints/base__e300__s...__sc0.pt --lstm 1.0
+metta-collapse analyze base --every 10            # writes train_dir/base/symmetry.json and symmetry.png
+metta-collapse compare base c1 c1_ablation --smooth 20 --out plots/
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+import metta_collapse as mc
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metta-collapse", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="what a collapse would keep: per layer for a checkpoint, over training for a run",
+        description="For a checkpoint (.pt), the per-layer widths a collapse would give and the fraction of "
+        "parameters kept. For a run (a name under --train-dir or a run directory), the same at its checkpoints: "
+        "the symmetry-over-training curve, written as symmetry.json and symmetry.png.",
+    )
+    analyze.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    analyze.add_argument("--train-dir", type=Path, default=Path("train_dir"), help="default: ./train_dir")
+    thresholds = mc.Thresholds.model_fields
+    for name in thresholds:
+        analyze.add_argument(
+            f"--{name}", type=float, help=f"{name} threshold in [0, 2] (default {thresholds[name].default})"
+        )
+    analyze.add_argument(
+        "--metric",
+        type=lambda text: text.replace("-", "_"),
+        choices=["cosine", "exact", "scale_aware"],
+        help="default: cosine",
+    )
+    analyze.add_argument("--tolerance", type=float, help="relative tolerance of the exact metric (default 1e-4)")
+    analyze.add_argument("--strict", action="store_true", help="fail on operations the engine does not support")
+    analyze.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    analyze.add_argument("--every", type=positive_int, default=1, help="for a run: every Nth checkpoint (and the last)")
+    analyze.add_argument("--out", type=Path, help="for a run: output folder (default: the run directory)")
+    analyze.set_defaults(handler=run_analyze)
+
+    compare = commands.add_parser(
+        "compare",
+        help="learning curves of runs on one figure, with a summary table",
+        description="Plots a logged metric of the runs against agent steps or wall time, marks each collapse, "
+        "and tabulates parameters, the mean over the last epochs, the area under the curve after the collapse and "
+        "how long after it the run reaches the baseline's level before the collapse. Writes compare.png, "
+        "compare.svg and compare.json.",
+    )
+    compare.add_argument("runs", metavar="RUN", nargs="+", help="run names under --train-dir, or run directories")
+    compare.add_argument("--train-dir", type=Path, default=Path("train_dir"), help="default: ./train_dir")
+    compare.add_argument("--x", choices=["agent_step", "wall_time"], default="agent_step")
+    compare.add_argument("--y", default="experience/rewards", help="a logged metric (default: experience/rewards)")
+    compare.add_argument("--smooth", type=positive_int, default=1, metavar="W", help="moving-average window (epochs)")
+    compare.add_argument("--last", type=positive_int, default=10, metavar="K", help="epochs averaged (default 10)")
+    compare.add_argument("--baseline", metavar="RUN", help="default: the first run without a collapse")
+    compare.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current directory)")
+    compare.set_defaults(handler=run_compare)
+    return parser
+
+
+def collapse_config(args: argparse.Namespace) -> mc.CollapseConfig:
+    from metta_collapse.training.config import ConfigError
+
+    try:
+        thresholds = {name: getattr(args, name) for name in mc.Thresholds.model_fields}
+        options = {"metric": args.metric, "tolerance": args.tolerance}
+        return mc.CollapseConfig(
+            thresholds=mc.Thresholds(**{name: value for name, value in thresholds.items() if value is not None}),
+            strict=args.strict,
+            **{name: value for name, value in options.items() if value is not None},
+        )
+    except ValidationError as error:
+        problem = error.errors()[0]
+        raise ConfigError(f"invalid --{problem['loc'][-1]} {problem['input']!r}: {problem['msg']}") from None
+
+
+def run_analyze(args: argparse.Namespace) -> None:
+    from metta_collapse.training import report
+
+    config = collapse_config(args)
+    path = Path(args.target)
+    if path.is_file():
+        checkpoint, plan = report.analyze_checkpoint(path, config)
+        if args.json:
+            print(plan.to_json())
+            return
+        print(
+            f"{path.name}: run {checkpoint['run']}, epoch {checkpoint['epoch']}, agent step {checkpoint['agent_step']}"
+        )
+        print(plan.table())
+        print(
+            f"a collapse ({report.describe_config(config)}) would keep {plan.kept_fraction:.1%} of the parameters "
+            f"({plan.params_before} -> {plan.params_after})"
+        )
+        return
+    run_dir = report.find_run(args.target, args.train_dir)
+
+    def progress(checkpoint: Path, done: int, total: int) -> None:
+        print(f"analysed {checkpoint.name} ({done}/{total})", file=sys.stderr)
+
+    curve = report.symmetry_curve(run_dir, config, args.every, progress)
+    out = args.out or run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "symmetry.json").write_text(json.dumps(curve, indent=1) + "\n")
+    report.plot_symmetry(curve).savefig(out / "symmetry.png", dpi=120)
+    if args.json:
+        print(json.dumps(curve))
+        return
+    print(f"run {curve['run']}: what a collapse ({report.describe_config(config)}) would keep")
+    print(report.symmetry_table(curve))
+    print(f"wrote {out / 'symmetry.json'} and {out / 'symmetry.png'}")
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from metta_collapse.training import report
+
+    runs = [report.load_run(target, args.train_dir) for target in args.runs]
+    if args.baseline is not None and args.baseline not in [run.name for run in runs]:
+        runs.insert(0, report.load_run(args.baseline, args.train_dir))
+        args.baseline = runs[0].name
+    curves = [report.learning_curve(run, args.x, args.y, args.smooth) for run in runs]
+    summary = report.compare_summary(runs, curves, args.x, args.y, args.last, args.baseline)
+    summary["smooth"] = args.smooth
+    figure = report.plot_compare(curves, summary, args.smooth)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for suffix in ("png", "svg"):
+        figure.savefig(args.out / f"compare.{suffix}", dpi=120)
+    (args.out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(report.compare_table(summary))
+    print(f"wrote {', '.join(str(args.out / f'compare.{suffix}') for suffix in ('png', 'svg', 'json'))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        # imported here, as the reports are in the handlers: `--help` needs neither torch nor the training extras
+        from metta_collapse.training.config import ConfigError
+    except ModuleNotFoundError as error:
+        print(
+            f"error: {error.name} is not installed; reports need: pip install 'metta-collapse[train]'", file=sys.stderr
+        )
+        return 2
+    try:
+        args.handler(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,233 @@
+"""The embedded train tool: a pydantic model whose dotted paths mirror the September 2025 Metta TrainTool.
+
+Every field is reachable by an override such as `trainer.checkpoint.checkpoint_interval=10`; values arrive as
+strings and are validated by pydantic on assignment. Checks that involve several fields (batch size against
+the number of agents, ...) run in `TrainTool.check`, after all overrides, before any environment starts.
+"""
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from mettagrid.config.mettagrid_config import MettaGridConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from metta_collapse.training.arena import make_arena, make_small_arena
+
+if TYPE_CHECKING:
+    from metta_collapse.training.trainer import TrainerState
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimizerConfig(Config):
+    type: Literal["adam"] = "adam"
+    learning_rate: float = Field(default=0.000457, gt=0, le=1.0)
+    beta1: float = Field(default=0.9, ge=0, le=1.0)
+    beta2: float = Field(default=0.999, ge=0, le=1.0)
+    eps: float = Field(default=1e-12, gt=0)
+
+
+class VTraceConfig(Config):
+    rho_clip: float = Field(default=1.0, gt=0)
+    c_clip: float = Field(default=1.0, gt=0)
+
+
+class PrioritizedExperienceReplayConfig(Config):
+    prio_alpha: float = Field(default=0.0, ge=0, le=1.0)
+    prio_beta0: float = Field(default=0.6, ge=0, le=1.0)
+
+
+class PPOConfig(Config):
+    clip_coef: float = Field(default=0.264407, gt=0, le=1.0)
+    ent_coef: float = Field(default=0.01, ge=0)
+    gae_lambda: float = Field(default=0.891477, ge=0, le=1.0)
+    gamma: float = Field(default=0.977, ge=0, le=1.0)
+    max_grad_norm: float = Field(default=0.5, gt=0)
+    vf_clip_coef: float = Field(default=0.1, ge=0)
+    vf_coef: float = Field(default=0.897619, ge=0)
+    vtrace: VTraceConfig = Field(default_factory=VTraceConfig)
+    prioritized_experience_replay: PrioritizedExperienceReplayConfig = Field(
+        default_factory=PrioritizedExperienceReplayConfig
+    )
+
+
+class LossConfigs(Config):
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+
+
+class LossConfig(Config):
+    loss_configs: LossConfigs = Field(default_factory=LossConfigs)
+
+
+class CheckpointConfig(Config):
+    # in epochs; 0 = only at the end
+    checkpoint_interval: int = Field(default=50, ge=0)
+    # in epochs; 0 = never upload checkpoints to wandb
+    wandb_checkpoint_interval: int = Field(default=50, ge=0)
+    # default: <train_dir>/<run>/checkpoints
+    checkpoint_dir: str | None = None
+
+
+class EvaluationConfig(Config):
+    """Accepted for command-line compatibility with Metta; the embedded runtime has no evaluator."""
+
+    evaluate_interval: int = Field(default=0, ge=0)
+    evaluate_remote: bool = False
+    evaluate_local: bool = True
+    replay_dir: str | None = None
+    skip_git_check: bool = False
+    git_hash: str | None = None
+    num_training_tasks: int = Field(default=1, ge=1)
+
+
+class TrainerConfig(Config):
+    total_timesteps: int = Field(default=50_000_000_000, gt=0)
+    losses: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    # CPU-sized defaults; Metta's (524288 / 16384) assume GPUs
+    batch_size: int = Field(default=24576, gt=0)
+    minibatch_size: int = Field(default=4096, gt=0)
+    bptt_horizon: int = Field(default=64, gt=0)
+    update_epochs: int = Field(default=1, gt=0)
+    # a collapse changes parameter shapes mid-training, which a compiled graph cannot follow
+    compile: bool = False
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+class TrainingEnvConfig(Config):
+    arena: Literal["full", "small"] = "full"
+    # copies of the arena stepped together; default: 24 agents in all (1 full arena, 4 small ones)
+    num_envs: int | None = Field(default=None, gt=0)
+
+    def make_config(self) -> MettaGridConfig:
+        return make_arena() if self.arena == "full" else make_small_arena()
+
+    def copies(self, agents_per_env: int) -> int:
+        return self.num_envs or max(1, 24 // agents_per_env)
+
+
+class PolicyArchitectureConfig(Config):
+    name: Literal["fast"] = "fast"
+
+
+class WandbConfig(Config):
+    enabled: bool = True
+    mode: Literal["offline", "online"] = "offline"
+    project: str = "metta"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class Tool(Config):
+    def invoke(self) -> int | None:
+        raise NotImplementedError
+
+
+class TrainTool(Tool):
+    run: str | None = Field(default=None, pattern=r"^[\w.=+-]+$")
+    train_dir: str = "train_dir"
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    # torch intra-op threads while training. On 2 cores a second thread gains ~20% when the machine is idle
+    # but stalls training up to 10x whenever another job runs, so one is the default.
+    torch_threads: int = Field(default=1, ge=1)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    training_env: TrainingEnvConfig = Field(default_factory=TrainingEnvConfig)
+    policy_architecture: PolicyArchitectureConfig = Field(default_factory=PolicyArchitectureConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train_dir) / self.run
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.trainer.checkpoint.checkpoint_dir or self.run_dir / "checkpoints")
+
+    def check(self, num_agents: int) -> None:
+        """Cross-field checks for training `num_agents` agents in total; raises ConfigError."""
+        t = self.trainer
+        if t.compile:
+            raise ConfigError("trainer.compile=true is not supported: a collapse changes parameter shapes")
+        if t.minibatch_size > t.batch_size or t.batch_size % t.minibatch_size:
+            raise ConfigError(
+                f"trainer.batch_size={t.batch_size} must be a multiple of "
+                f"trainer.minibatch_size={t.minibatch_size}"
+            )
+        if t.minibatch_size % t.bptt_horizon:
+            raise ConfigError(
+                f"trainer.minibatch_size={t.minibatch_size} must be a multiple of "
+                f"trainer.bptt_horizon={t.bptt_horizon}"
+            )
+        # PuffeRL fills the batch with whole bptt segments of every agent
+        unit = t.bptt_horizon * num_agents
+        if t.batch_size % unit:
+            raise ConfigError(
+                f"trainer.batch_size={t.batch_size} does not fit {num_agents} agents: "
+                "it must be a multiple of "
+                f"trainer.bptt_horizon x agents = {t.bptt_horizon} x {num_agents} = {unit}"
+            )
+        ckpt = t.checkpoint
+        if ckpt.wandb_checkpoint_interval and ckpt.wandb_checkpoint_interval < ckpt.checkpoint_interval:
+            raise ConfigError(
+                f"trainer.checkpoint.wandb_checkpoint_interval={ckpt.wandb_checkpoint_interval} "
+                "must be at least "
+                f"trainer.checkpoint.checkpoint_interval={ckpt.checkpoint_interval}"
+            )
+
+    def invoke(self) -> int | None:
+        # imported here: the trainer pulls in torch and PuffeRL, which configuration alone does not need
+        from metta_collapse.training.trainer import train
+
+        if self.run is None:
+            self.run = f"local.{datetime.now():%Y%m%d-%H%M%S}"
+        train(self, on_epoch_end=self.on_epoch_end)
+        return 0
+
+    def on_epoch_end(self, state: "TrainerState") -> None:
+        """Called after every epoch with the trainer state; subclasses hook in here (e.g. a collapse)."""
+
+
+def apply_override(root: BaseModel, key: str, value: str) -> None:
+    """Set the field at dotted path `key` from its command-line string, validated by pydantic."""
+    *parents, leaf = key.split(".")
+    target = root
+    for depth, name in enumerate([*parents, leaf]):
+        fields = type(target).model_fields if isinstance(target, BaseModel) else {}
+        if name not in fields:
+            where = ".".join(key.split(".")[:depth]) or "the tool"
+            raise ConfigError(
+                f"unknown override key {key!r}: {where} has no field {name!r}; valid keys there: "
+                f"{', '.join(fields) or '(none)'}"
+            )
+        if depth < len(parents):
+            target = getattr(target, name)
+    try:
+        setattr(target, leaf, value)
+    except ValidationError as error:
+        parsed = _parse_json(value)
+        try:
+            if parsed is None:
+                raise error
+            setattr(target, leaf, parsed)
+        except ValidationError:
+            raise ConfigError(f"invalid value for {key}: {value!r} ({error.errors()[0]['msg']})") from None
+
+
+def _parse_json(value: str) -> object | None:
+    """Lists and dicts arrive as JSON text (`wandb.tags='["a","b"]'`)."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, list | dict) else None

@@ -1,0 +1,58 @@
+"""Per-epoch metrics: one JSON line per epoch in `<run_dir>/metrics.jsonl`, and the same to wandb."""
+
+import json
+import os
+from pathlib import Path
+
+import wandb
+
+from metta_collapse.training.config import TrainTool
+
+
+class MetricsLogger:
+    def __init__(self, tool: TrainTool, start_epoch: int):
+        tool.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = tool.run_dir / "metrics.jsonl"
+        if self.path.exists():
+            # epochs after the checkpoint a run resumes from were lost with it, and will be trained again
+            kept = [m for m in read_metrics(self.path) if m["metric/epoch"] <= start_epoch]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+            os.replace(tmp, self.path)
+        self.run = None
+        if tool.wandb.enabled:
+            self.run = wandb.init(
+                project=tool.wandb.project,
+                entity=tool.wandb.entity,
+                group=tool.wandb.group,
+                tags=tool.wandb.tags,
+                name=tool.run,
+                id=tool.run,
+                resume="allow",
+                mode=tool.wandb.mode,
+                dir=str(tool.run_dir),
+                config=tool.model_dump(mode="json"),
+                settings=wandb.Settings(console="off", x_disable_stats=True, disable_git=True, silent=True),
+            )
+
+    def log(self, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=int(metrics["metric/agent_step"]))
+
+    def log_checkpoint(self, path: Path) -> None:
+        if self.run is not None:
+            artifact = wandb.Artifact(name=self.run.id, type="model", metadata={"file": path.name})
+            artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]

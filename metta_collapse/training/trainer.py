@@ -1,0 +1,248 @@
+"""The training loop: PuffeRL's PPO (evaluate, then train, per epoch), Metta-style checkpoints and metrics.
+
+After every epoch an optional `on_epoch_end(TrainerState)` callback runs. It may change the policy in place
+(replace parameters, shrink layers) as long as it also updates PuffeRL's optimizer object in place and resizes
+the recurrent-state buffers `lstm_h` / `lstm_c`: nothing here keeps parameter lists or shapes across epochs.
+"""
+
+import random
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pufferlib.pufferl
+import torch
+
+from metta_collapse.training.arena import make_vecenv
+from metta_collapse.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    policy_from_checkpoint,
+    save_checkpoint,
+)
+from metta_collapse.training.config import TrainTool
+from metta_collapse.training.metrics import MetricsLogger
+from metta_collapse.training.policy import FastPolicy, make_policy
+
+# Importing pufferl turns every RuntimeWarning into an error and makes Ctrl+C exit with status 0 without
+# cleanup; undo both for the rest of the process.
+warnings.filterwarnings("default", category=RuntimeWarning)
+# PuffeRL enters a float32 autocast context, which CPU autocast declines with a warning every epoch
+warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread
+        pass
+
+
+class Trainer(pufferlib.pufferl.PuffeRL):
+    """PuffeRL without its full-screen dashboard and its own checkpoint files (Metta-style ones instead)."""
+
+    def print_dashboard(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def save_checkpoint(self) -> None:
+        pass
+
+
+@dataclass
+class TrainerState:
+    """What an epoch-end callback sees. Everything is read live from the trainer."""
+
+    trainer: Trainer
+    tool: TrainTool
+    # this epoch's metrics; a callback may add entries before they are written
+    metrics: dict[str, float] = field(default_factory=dict)
+    # plain values saved with every checkpoint and restored on resume (e.g. the record of a collapse)
+    extra: dict = field(default_factory=dict)
+    # a callback sets this to end training after the current epoch (with a final checkpoint)
+    stop: bool = False
+
+    @property
+    def policy(self) -> FastPolicy:
+        return self.trainer.uncompiled_policy
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.trainer.optimizer
+
+    @property
+    def lstm_h(self) -> dict[int, torch.Tensor]:
+        return self.trainer.lstm_h
+
+    @property
+    def lstm_c(self) -> dict[int, torch.Tensor]:
+        return self.trainer.lstm_c
+
+    @property
+    def epoch(self) -> int:
+        return self.trainer.epoch
+
+    @property
+    def agent_step(self) -> int:
+        return self.trainer.global_step
+
+    @property
+    def observations(self) -> torch.Tensor:
+        """The last rollout's token observations, (segments, bptt_horizon, tokens, 3) uint8."""
+        return self.trainer.observations
+
+
+def puffer_config(tool: TrainTool) -> dict:
+    t = tool.trainer
+    ppo = t.losses.loss_configs.ppo
+    opt = t.optimizer
+    return {
+        "env": tool.training_env.arena,
+        "seed": tool.seed,
+        "device": tool.device,
+        "torch_deterministic": False,
+        "cpu_offload": False,
+        "use_rnn": True,
+        "compile": False,
+        "compile_mode": "default",
+        "compile_fullgraph": False,
+        "precision": "float32",
+        # PuffeRL sizes its schedules by whole epochs; a run always trains at least one
+        "total_timesteps": max(t.total_timesteps, t.batch_size),
+        "batch_size": t.batch_size,
+        "bptt_horizon": t.bptt_horizon,
+        "minibatch_size": t.minibatch_size,
+        "max_minibatch_size": t.minibatch_size,
+        "update_epochs": t.update_epochs,
+        "optimizer": opt.type,
+        "learning_rate": opt.learning_rate,
+        "adam_beta1": opt.beta1,
+        "adam_beta2": opt.beta2,
+        "adam_eps": opt.eps,
+        # constant learning rate, as Metta's default
+        "anneal_lr": False,
+        "gamma": ppo.gamma,
+        "gae_lambda": ppo.gae_lambda,
+        "clip_coef": ppo.clip_coef,
+        "vf_coef": ppo.vf_coef,
+        "vf_clip_coef": ppo.vf_clip_coef,
+        "ent_coef": ppo.ent_coef,
+        "max_grad_norm": ppo.max_grad_norm,
+        "vtrace_rho_clip": ppo.vtrace.rho_clip,
+        "vtrace_c_clip": ppo.vtrace.c_clip,
+        "prio_alpha": ppo.prioritized_experience_replay.prio_alpha,
+        "prio_beta0": ppo.prioritized_experience_replay.prio_beta0,
+        # PuffeRL's own checkpointing is switched off in Trainer; it still reads these
+        "checkpoint_interval": 1,
+        "data_dir": str(tool.run_dir),
+    }
+
+
+def epoch_metrics(
+    trainer: Trainer, logs: dict, epoch_seconds: float, epoch_steps: int, wall_time: float
+) -> dict:
+    metrics = {
+        "metric/epoch": trainer.epoch,
+        "metric/agent_step": trainer.global_step,
+        "metric/total_time": wall_time,
+        "overview/sps": epoch_steps / epoch_seconds,
+        "experience/rewards": trainer.rewards.mean().item(),
+        "trainer/learning_rate": trainer.optimizer.param_groups[0]["lr"],
+        **{f"losses/{name}": value for name, value in trainer.losses.items()},
+    }
+    for name, value in logs.items():
+        if name.startswith("environment/"):
+            metrics[name.removeprefix("environment/")] = float(value)
+    return metrics
+
+
+def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None = None) -> TrainerState:
+    """Train `tool.run` (resuming from its latest checkpoint, if any) until `trainer.total_timesteps`."""
+    env_cfg = tool.training_env.make_config()
+    num_envs = tool.training_env.copies(env_cfg.game.num_agents)
+    tool.check(env_cfg.game.num_agents * num_envs)
+    if tool.trainer.evaluation.evaluate_interval:
+        print("note: the embedded runtime has no evaluator; trainer.evaluation.evaluate_interval is ignored")
+
+    random.seed(tool.seed)
+    np.random.seed(tool.seed)
+    torch.manual_seed(tool.seed)
+
+    resume_from = latest_checkpoint(tool.checkpoint_dir, tool.run) if tool.checkpoint_dir.is_dir() else None
+    checkpoint = load_checkpoint(resume_from) if resume_from else None
+    vecenv = make_vecenv(env_cfg, num_envs, tool.seed)
+    policy = policy_from_checkpoint(checkpoint) if checkpoint else make_policy(vecenv.driver_env)
+    policy = policy.to(tool.device)
+    num_params = sum(p.numel() for p in policy.parameters())
+    print(f"policy {tool.policy_architecture.name}: {num_params:,} parameters")
+
+    trainer = Trainer(puffer_config(tool), vecenv, policy)
+    # its CPU/GPU sampling thread only feeds the dashboard
+    trainer.utilization.stop()
+    wall_offset = 0.0
+    if checkpoint:
+        trainer.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        trainer.epoch = checkpoint["epoch"]
+        trainer.global_step = checkpoint["agent_step"]
+        wall_offset = checkpoint["wall_time"]
+        print(
+            f"resuming {tool.run} from {resume_from.name}: epoch {trainer.epoch}, step {trainer.global_step}"
+        )
+
+    state = TrainerState(trainer, tool, extra=checkpoint.get("extra", {}) if checkpoint else {})
+    total = tool.trainer.total_timesteps
+    ckpt = tool.trainer.checkpoint
+    logger = MetricsLogger(tool, start_epoch=trainer.epoch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(tool.torch_threads)
+    start = time.time()
+    try:
+        while trainer.global_step < total and not state.stop:
+            epoch_start, steps_before = time.time(), trainer.global_step
+            trainer.evaluate()
+            # PuffeRL refreshes its loss and environment statistics only when it logs, at most every 0.25 s
+            trainer.last_log_time = 0.0
+            logs = trainer.train() or {}
+            wall_time = wall_offset + time.time() - start
+            state.metrics = epoch_metrics(
+                trainer, logs, time.time() - epoch_start, trainer.global_step - steps_before, wall_time
+            )
+            if on_epoch_end is not None:
+                on_epoch_end(state)
+            logger.log(state.metrics)
+            print_progress(state.metrics, total)
+            done = trainer.global_step >= total or state.stop
+            if done or (ckpt.checkpoint_interval and trainer.epoch % ckpt.checkpoint_interval == 0):
+                path = save_checkpoint(
+                    tool.checkpoint_dir,
+                    tool.run,
+                    trainer.uncompiled_policy,
+                    trainer.optimizer,
+                    trainer.epoch,
+                    trainer.global_step,
+                    wall_time,
+                    extra=state.extra,
+                )
+                if ckpt.wandb_checkpoint_interval and (
+                    done or trainer.epoch % ckpt.wandb_checkpoint_interval == 0
+                ):
+                    logger.log_checkpoint(path)
+        if not state.metrics:
+            print(
+                f"{tool.run} already trained {trainer.global_step:,} of {total:,} agent steps; nothing to do"
+            )
+    finally:
+        torch.set_num_threads(threads)
+        vecenv.close()
+        logger.close()
+    return state
+
+
+def print_progress(metrics: dict[str, float], total: int) -> None:
+    line = (
+        f"epoch {metrics['metric/epoch']} | agent steps {metrics['metric/agent_step']:,}/{total:,} | "
+        f"{metrics['overview/sps']:,.0f} sps | reward/step {metrics['experience/rewards']:.4f}"
+    )
+    if "env_agent/heart.gained" in metrics:
+        line += f" | hearts/episode {metrics['env_agent/heart.gained']:.2f}"
+    print(line + f" | {metrics['metric/total_time']:.0f}s", flush=True)

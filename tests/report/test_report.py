@@ -1,0 +1,288 @@
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from metta_collapse.cli import main
+from metta_collapse.training.checkpoint import save_checkpoint
+from metta_collapse.training.policy import FastCore, FastPolicy
+from metta_collapse.training.report import learning_curve, load_run, plot_symmetry
+
+WIDTHS = {
+    "cnn1": 4,
+    "cnn2": 4,
+    "fc1": 8,
+    "encoded_obs": 8,
+    "lstm1": 8,
+    "lstm2": 8,
+    "actor_1": 8,
+    "critic_1": 8,
+    "action_embedding": 2,
+}
+# 3 features, 5 actions, 11x11 window (the convolutions leave 1x1):
+# cnn1 4*3*25+4, cnn2 4*4*9+4, fc1 8*4+8, encoded_obs 8*8+8, two LSTMs 2*(4*8*8)+2*32 each,
+# critic_1 8*8+8, value 8+1, actor_1 8*8+8, action_query_weight 8*2, action_embeddings 5*2, action_bias 5
+PARAMS = 304 + 148 + 40 + 72 + 2 * 576 + 72 + 9 + 72 + 16 + 10 + 5
+# critic_1 units in identical pairs: 4 of its rows (8 weights + bias) go, and 4 columns of value
+CRITIC_HALVED = PARAMS - 4 * 9 - 4
+# and actor_1's: 4 of its rows, and 4 rows (of 2) of action_query_weight
+BOTH_HALVED = CRITIC_HALVED - 4 * 9 - 4 * 2
+EXACT = ["--linear", "0", "--cnn", "0", "--lstm", "0", "--critic", "0"]
+
+
+def tiny_policy(duplicated: tuple[str, ...]) -> FastPolicy:
+    policy = FastPolicy(FastCore(3, 11, 11, 5, WIDTHS), 11, 11, torch.ones(3))
+    with torch.no_grad():
+        for name in duplicated:
+            layer = getattr(policy.core, name)
+            layer.weight[1::2] = layer.weight[0::2]
+            layer.bias[1::2] = layer.bias[0::2]
+    return policy
+
+
+def save(run_dir: Path, policy: FastPolicy, epoch: int) -> Path:
+    optimizer = torch.optim.Adam(policy.parameters())
+    return save_checkpoint(run_dir / "checkpoints", run_dir.name, policy, optimizer, epoch, 100 * epoch, 10.0 * epoch)
+
+
+def write_metrics(run_dir: Path, rewards: dict[int, float], collapse: dict | None = None) -> None:
+    """Epoch e at agent step 100 e and 10 e seconds."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        {
+            "metric/epoch": epoch,
+            "metric/agent_step": 100 * epoch,
+            "metric/total_time": 10.0 * epoch,
+            "overview/sps": 10.0,
+            "experience/rewards": reward,
+        }
+        for epoch, reward in rewards.items()
+    ]
+    if collapse is not None:
+        record = {"metric": "cosine", "thresholds": {}, "params_before": PARAMS, "seconds": 0.1, "layers": []}
+        (run_dir / "collapse.json").write_text(json.dumps({**record, **collapse}))
+        for line in lines:
+            if line["metric/epoch"] == collapse["epoch"]:
+                line["collapse/params_after"] = collapse["params_after"]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`base`: 3 checkpoints with more and more duplicated units, and rewards 1..10 over epochs 1..10.
+    `c1`: collapsed in-process at epoch 5; `b1`: branched from base at epoch 5 as a random ablation; `s1`: the small
+    network trained from scratch."""
+    root = tmp_path_factory.mktemp("train_dir")
+    base = root / "base"
+    torch.manual_seed(0)
+    first = save(base, tiny_policy(()), 1)
+    save(base, tiny_policy(("critic_1",)), 2)
+    last = save(base, tiny_policy(("critic_1", "actor_1")), 3)
+    # not a regular checkpoint, as its name says: the analysis must skip it
+    shutil.copy(first, last.with_name(last.name.replace(".pt", ".precollapse.pt")))
+    write_metrics(base, {epoch: float(epoch) for epoch in range(1, 11)})
+    c1_rewards = [1, 2, 3, 4, 5, 0, 2, 4, 6, 6]
+    write_metrics(
+        root / "c1",
+        {epoch: float(reward) for epoch, reward in enumerate(c1_rewards, 1)},
+        {"epoch": 5, "agent_step": 500, "mode": "fibration", "params_after": 1000},
+    )
+    write_metrics(
+        root / "b1",
+        {6: 1.0, 7: 3.0, 8: 3.0, 9: 5.0, 10: 5.0},
+        {"epoch": 5, "agent_step": 500, "mode": "random_ablation", "params_after": 1200},
+    )
+    write_metrics(
+        root / "s1",
+        {epoch: float(reward) for epoch, reward in enumerate([0, 0, 1, 1, 2, 2, 3, 4, 4, 5], 1)},
+        {"epoch": 0, "agent_step": 0, "mode": "scratch", "params_after": 1000},
+    )
+    return root
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_row(text: str, first: str) -> list[str]:
+    return next(line.split() for line in text.splitlines() if line.split()[:1] == [first])
+
+
+def test_analyze_checkpoint_prints_the_layer_table(train_dir: Path, capsys: pytest.CaptureFixture):
+    checkpoint = next((train_dir / "base" / "checkpoints").glob("base__e3__*__sc0.pt"))
+    code, out, _ = run_cli(capsys, "analyze", str(checkpoint), *EXACT)
+    assert code == 0
+    assert "epoch 3, agent step 300" in out
+    assert table_row(out, "critic_1") == ["critic_1", "critic", "8", "4", "50.0%"]
+    assert table_row(out, "actor_1") == ["actor_1", "linear", "8", "4", "50.0%"]
+    assert table_row(out, "lstm1") == ["lstm1", "lstm", "8", "8", "100.0%"]
+    assert table_row(out, "parameters") == ["parameters", str(PARAMS), str(BOTH_HALVED), f"{BOTH_HALVED / PARAMS:.1%}"]
+
+    code, out, _ = run_cli(capsys, "analyze", str(checkpoint), *EXACT, "--json")
+    plan = json.loads(out)
+    assert (plan["params_before"], plan["params_after"]) == (PARAMS, BOTH_HALVED)
+    critic = next(layer for layer in plan["layers"] if layer["name"] == "critic_1")
+    assert critic["width_after"] == 4 and critic["partition"] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_analyze_run_writes_the_symmetry_curve(train_dir: Path, capsys: pytest.CaptureFixture):
+    code, out, _ = run_cli(capsys, "analyze", "base", "--train-dir", str(train_dir), *EXACT)
+    assert code == 0
+    expected = [(1, 100, PARAMS), (2, 200, CRITIC_HALVED), (3, 300, BOTH_HALVED)]
+    for epoch, step, kept in expected:
+        assert table_row(out, str(epoch)) == [str(epoch), str(step), str(PARAMS), str(kept), f"{kept / PARAMS:.3f}"]
+
+    curve = json.loads((train_dir / "base" / "symmetry.json").read_text())
+    points = curve["points"]
+    # the pre-collapse copy is skipped
+    assert [(p["epoch"], p["agent_step"], p["params_after"]) for p in points] == expected
+    assert [p["kept_fraction"] for p in points] == pytest.approx([kept / PARAMS for *_, kept in expected])
+    assert [p["layers"]["critic_1"]["kept_fraction"] for p in points] == [1.0, 0.5, 0.5]
+    assert [p["layers"]["actor_1"]["kept_fraction"] for p in points] == [1.0, 1.0, 0.5]
+    assert curve["config"]["thresholds"] == {"linear": 0.0, "cnn": 0.0, "lstm": 0.0, "critic": 0.0}
+    assert (train_dir / "base" / "symmetry.png").stat().st_size > 0
+
+    lines = {line.get_label(): line for line in plot_symmetry(curve).axes[0].get_lines()}
+    assert list(lines["parameters"].get_xdata()) == [100, 200, 300]
+    assert list(lines["parameters"].get_ydata()) == pytest.approx([kept / PARAMS for *_, kept in expected])
+    assert list(lines["actor_1"].get_ydata()) == [1.0, 1.0, 0.5]
+    assert {"cnn1", "lstm2", "critic_1", "value"} <= set(lines)
+
+
+def test_analyze_every_nth_checkpoint_keeps_the_last_and_writes_to_out(
+    train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    code, _, _ = run_cli(capsys, "analyze", str(train_dir / "base"), "--every", "2", "--out", str(tmp_path), *EXACT)
+    assert code == 0
+    curve = json.loads((tmp_path / "symmetry.json").read_text())
+    assert [p["epoch"] for p in curve["points"]] == [1, 3]
+    assert (tmp_path / "symmetry.png").is_file()
+
+
+def compare(train_dir: Path, out: Path, capsys: pytest.CaptureFixture, *argv: str) -> tuple[dict, str]:
+    code, text, err = run_cli(capsys, "compare", *argv, "--train-dir", str(train_dir), "--out", str(out), "--last", "3")
+    assert code == 0, err
+    return json.loads((out / "compare.json").read_text()), text
+
+
+def test_compare_summarises_runs_against_the_baseline(train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    summary, text = compare(train_dir, tmp_path, capsys, "base", "c1", "b1")
+    # base's rewards are 1..10; its level before the collapse at step 500 is the mean of epochs 3..5
+    assert summary["baseline"] == "base"
+    assert summary["collapse_x"] == 500
+    assert summary["baseline_before_collapse"] == 4.0
+    rows = {row["run"]: row for row in summary["runs"]}
+    assert rows["base"] == {
+        "run": "base",
+        "mode": None,
+        "params": PARAMS,  # its latest checkpoint
+        "collapse_x": None,
+        "last_mean": 9.0,
+        # trapezoids of width 100 from step 500 on: 5.5 + 6.5 + 7.5 + 8.5 + 9.5
+        "auc_after_collapse": 3750.0,
+        "to_recover": None,
+    }
+    # c1: 1 2 3 4 5 | 0 2 4 6 6, collapsed at step 500, reaches 4 at step 800
+    assert rows["c1"]["params"] == 1000 and rows["c1"]["mode"] == "fibration"
+    assert rows["c1"]["last_mean"] == pytest.approx(16 / 3)
+    assert rows["c1"]["auc_after_collapse"] == 100 * (2.5 + 1 + 3 + 5 + 6)
+    assert rows["c1"]["to_recover"] == 300
+    # b1 starts after the branch: 1 3 3 5 5 at steps 600..1000, reaches 4 at step 900
+    assert rows["b1"]["params"] == 1200
+    assert rows["b1"]["auc_after_collapse"] == 100 * (2 + 3 + 4 + 5)
+    assert rows["b1"]["to_recover"] == 400
+
+    assert table_row(text, "base") == ["base", "baseline", f"{PARAMS:,}", "9", "3750", "-"]
+    assert table_row(text, "c1") == ["c1", "fibration", "1,000", "5.333", "1750", "300"]
+    assert table_row(text, "b1") == ["b1", "random_ablation", "1,200", "4.333", "1400", "400"]
+    for suffix in ("png", "svg"):
+        assert (tmp_path / f"compare.{suffix}").stat().st_size > 0
+    assert "<svg" in (tmp_path / "compare.svg").read_text()[:1000]
+
+
+def test_compare_smooths_each_side_of_the_collapse_apart(
+    train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    summary, _ = compare(train_dir, tmp_path, capsys, "c1", "b1", "--smooth", "2", "--baseline", "base")
+    rows = {row["run"]: row for row in summary["runs"]}
+    # --baseline adds the run; the first step after c1's collapse averages 0 alone, not with the 5 before it
+    assert [row["run"] for row in summary["runs"]] == ["base", "c1", "b1"]
+    assert summary["smooth"] == 2
+    assert rows["c1"]["to_recover"] == 400  # smoothed 0 1 3 5 6
+    assert rows["b1"]["to_recover"] == 400  # smoothed 1 2 3 4 5
+    assert rows["c1"]["last_mean"] == pytest.approx(16 / 3)  # the table's means are of the raw values
+    curve = learning_curve(load_run("c1", train_dir), "agent_step", "experience/rewards", 2)
+    assert list(curve.smoothed) == [1, 1.5, 2.5, 3.5, 4.5, 0, 1, 3, 5, 6]
+
+
+def test_scratch_run_counts_from_step_0_but_is_not_the_collapse_point(
+    train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    summary, _ = compare(train_dir, tmp_path, capsys, "s1", "c1", "base")
+    assert summary["collapse_x"] == 500 and summary["baseline"] == "base"
+    scratch = summary["runs"][0]
+    assert scratch["collapse_x"] == 0
+    assert scratch["to_recover"] == 800  # 0 0 1 1 2 2 3 4: reaches 4 at step 800
+    assert scratch["auc_after_collapse"] == 100 * (0 + 0.5 + 1 + 1.5 + 2 + 2.5 + 3.5 + 4 + 4.5)
+
+
+def test_compare_against_wall_time(train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    summary, text = compare(train_dir, tmp_path, capsys, "base", "c1", "--x", "wall_time")
+    rows = {row["run"]: row for row in summary["runs"]}
+    assert summary["collapse_x"] == 50.0
+    assert rows["c1"]["to_recover"] == 30.0
+    assert rows["c1"]["auc_after_collapse"] == 10 * (2.5 + 1 + 3 + 5 + 6)
+    assert "to recover (s)" in text
+
+
+def test_compare_without_a_baseline_has_no_recovery(train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    summary, text = compare(train_dir, tmp_path, capsys, "c1", "b1")
+    assert summary["baseline"] is None and summary["baseline_before_collapse"] is None
+    assert all(row["to_recover"] is None for row in summary["runs"])
+    assert "to recover" not in text
+
+
+def one_line_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_unknown_target_lists_the_runs(train_dir: Path, capsys: pytest.CaptureFixture):
+    err = one_line_error(capsys, "analyze", "bsae", "--train-dir", str(train_dir))
+    assert "'bsae'" in err and "runs there: b1, base, c1, s1" in err
+    err = one_line_error(capsys, "compare", "base", "nope", "--train-dir", str(train_dir))
+    assert "'nope'" in err and "b1, base, c1, s1" in err
+    err = one_line_error(capsys, "analyze", "base", "--train-dir", str(train_dir / "missing"))
+    assert "does not exist" in err
+
+
+def test_run_without_checkpoints(train_dir: Path, capsys: pytest.CaptureFixture):
+    err = one_line_error(capsys, "analyze", "c1", "--train-dir", str(train_dir))
+    assert "run 'c1' has no checkpoints" in err
+
+
+def test_unknown_metric_lists_the_logged_ones(train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    err = one_line_error(
+        capsys, "compare", "base", "c1", "--y", "reward", "--train-dir", str(train_dir), "--out", str(tmp_path)
+    )
+    assert "'reward'" in err and "experience/rewards" in err and "overview/sps" in err
+    assert not (tmp_path / "compare.png").exists()
+
+
+def test_invalid_threshold_names_the_option(train_dir: Path, capsys: pytest.CaptureFixture):
+    err = one_line_error(capsys, "analyze", "base", "--train-dir", str(train_dir), "--lstm", "3")
+    assert re.search(r"invalid --lstm 3\.0: .*less than or equal to 2", err)
+
+
+def test_unreadable_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture):
+    broken = tmp_path / "broken.pt"
+    broken.write_text("not a checkpoint")
+    err = one_line_error(capsys, "analyze", str(broken))
+    assert "cannot read checkpoint" in err and "broken.pt" in err

@@ -1,0 +1,181 @@
+"""experiments.recipes.collapse_arena: collapse in the live run, branches from a baseline, null models."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from planted import expand_fast
+from test_training_run import tiny_tool
+
+from metta_collapse import live
+from metta_collapse.training.arena import make_small_arena, make_vecenv
+from metta_collapse.training.checkpoint import (
+    checkpoint_epochs,
+    load_checkpoint,
+    policy_from_checkpoint,
+    save_checkpoint,
+)
+from metta_collapse.training.collapse import CollapseTrainTool
+from metta_collapse.training.config import ConfigError
+from metta_collapse.training.metrics import read_metrics
+from metta_collapse.training.policy import DEFAULT_WIDTHS, architecture, build_policy, make_policy
+from metta_collapse.training.runner import build_tool
+from metta_collapse.training.trainer import train
+
+NARROW = dict(DEFAULT_WIDTHS, cnn1=8, cnn2=8, fc1=16, encoded_obs=16, lstm1=12, lstm2=10, actor_1=24, critic_1=32)
+EPOCH = 384
+
+
+def collapse_tool(tmp_path: Path, run: str | None, epochs: int, **collapse: object) -> CollapseTrainTool:
+    base = tiny_tool(tmp_path, run or "unused", total=epochs * EPOCH, enabled=False)
+    tool = CollapseTrainTool(**{name: getattr(base, name) for name in type(base).model_fields})
+    tool.run = run
+    for key, value in collapse.items():
+        target = tool.collapse.thresholds if key in ("linear", "cnn", "lstm", "critic") else tool.collapse
+        setattr(target, key, value)
+    return tool
+
+
+def planted_run(tmp_path: Path, run: str, tool: CollapseTrainTool) -> None:
+    """Start `run` from a policy whose every unit is copied twice (equal splits: training keeps the symmetry)."""
+    vecenv = make_vecenv(make_small_arena(), 1)
+    full = make_policy(vecenv.driver_env)
+    vecenv.close()
+    arch = architecture(full) | {"widths": NARROW}
+    narrow = build_policy(arch)
+    narrow.feature_scale.copy_(full.feature_scale)
+    wide = expand_fast(narrow, 2)
+    save_checkpoint(tmp_path / run / "checkpoints", run, wide, tool.make_optimizer(wide), 0, 0, 0.0)
+
+
+def test_exact_collapse_of_a_trained_planted_policy_in_the_runtime(tmp_path: Path):
+    tool = collapse_tool(tmp_path, "planted", 3, epoch_idx=2, metric="exact")
+    planted_run(tmp_path, "planted", tool)
+    final = train(tool, on_epoch_end=tool.on_epoch_end)
+    record = json.loads((tmp_path / "planted" / "collapse.json").read_text())
+    assert record["epoch"] == 2
+    assert {layer["name"]: layer["width_after"] for layer in record["layers"]} | {} == {
+        **{
+            name: NARROW[name]
+            for name in ("cnn1", "cnn2", "fc1", "encoded_obs", "lstm1", "lstm2", "actor_1", "critic_1")
+        },
+        "value": 1,
+        "action_query_weight": 16,
+        "action_embeddings": 16,
+    }
+    assert record["params_after"] < record["params_before"]
+    assert record["kl_max"] <= 1e-6 and record["value_err"] <= 1e-5
+    assert final.policy.hidden_size == NARROW["lstm1"] + NARROW["lstm2"]
+    metrics = read_metrics(tmp_path / "planted" / "metrics.jsonl")
+    assert metrics[1]["collapse/params_after"] == record["params_after"] and len(metrics) == 3
+    pre = list((tmp_path / "planted" / "checkpoints").glob("*.precollapse.pt"))
+    assert len(pre) == 1 and load_checkpoint(pre[0])["architecture"]["widths"]["lstm1"] == 2 * NARROW["lstm1"]
+
+
+def test_resume_after_a_collapse_reloads_the_collapsed_shapes_and_never_collapses_again(tmp_path: Path):
+    tool = collapse_tool(tmp_path, "resumed", 2, epoch_idx=1)
+    train(tool, on_epoch_end=tool.on_epoch_end)
+    record = (tmp_path / "resumed" / "collapse.json").read_text()
+    params = json.loads(record)["params_after"]
+    tool = collapse_tool(tmp_path, "resumed", 4, epoch_idx=1)
+    final = train(tool, on_epoch_end=tool.on_epoch_end)
+    assert sum(p.numel() for p in final.policy.parameters()) == params
+    assert (tmp_path / "resumed" / "collapse.json").read_text() == record
+    assert len(list((tmp_path / "resumed" / "checkpoints").glob("*.precollapse.pt"))) == 1
+    assert all("collapse/params_after" not in m for m in read_metrics(tmp_path / "resumed" / "metrics.jsonl")[2:])
+
+
+def test_a_failure_inside_the_collapse_leaves_the_run_untouched(tmp_path: Path, monkeypatch):
+    tool = collapse_tool(tmp_path, "failing", 3, epoch_idx=2)
+    checked = []
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    def on_epoch_end(state):
+        if state.epoch != 2:
+            return
+        params = list(state.policy.parameters())
+        values = [p.detach().clone() for p in params]
+        adam = {id(p): {k: v.clone() for k, v in state.optimizer.state[p].items()} for p in params}
+        buffers = dict(state.lstm_h), dict(state.lstm_c)
+        monkeypatch.setattr(live, "behaviour_change", broken)  # fails after every object was rewritten
+        with pytest.raises(RuntimeError, match="collapse at epoch 2 failed, nothing was changed: injected"):
+            tool.on_epoch_end(state)
+        assert list(state.policy.parameters()) == params == state.optimizer.param_groups[0]["params"]
+        assert all(torch.equal(p, v) for p, v in zip(params, values, strict=True))
+        assert all(torch.equal(state.optimizer.state[p][k], v) for p in params for k, v in adam[id(p)].items())
+        assert all(state.lstm_h[k] is v for k, v in buffers[0].items())
+        assert all(state.lstm_c[k] is v for k, v in buffers[1].items())
+        assert "collapse" not in state.extra and not (tmp_path / "failing" / "collapse.json").exists()
+        assert not list(tool.checkpoint_dir.glob("*"))  # the pre-collapse checkpoint was removed again
+        checked.append(True)
+
+    train(tool, on_epoch_end=on_epoch_end)
+    assert checked
+    widths = load_checkpoint(checkpoint_epochs(tool.checkpoint_dir, "failing")[2])["architecture"]["widths"]
+    assert widths["lstm1"] == 128
+
+
+def baseline(tmp_path: Path) -> None:
+    tool = collapse_tool(tmp_path, "base", 4, enabled=False)
+    train(tool, on_epoch_end=tool.on_epoch_end)
+
+
+def test_branches_restore_the_epoch_and_name_the_run_like_the_study(tmp_path: Path):
+    baseline(tmp_path)
+    source = load_checkpoint(checkpoint_epochs(tmp_path / "base" / "checkpoints", "base")[2])
+    arms = {}
+    for mode in ("fibration", "random_ablation", "scratch"):
+        tool = collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2, mode=mode, seed=5)
+        tool.invoke()
+        arms[mode] = tool.run
+    assert arms == {
+        "fibration": "base_epoch_2_base_0.7_0.5_1.0_0.8",
+        "random_ablation": "base_epoch_2_ablationsrandom_0.7_0.5_1.0_0.8",
+        "scratch": "base_epoch_2_small_scratch_0.7_0.5_1.0_0.8",
+    }
+    records = {mode: json.loads((tmp_path / run / "collapse.json").read_text()) for mode, run in arms.items()}
+    assert len({r["params_after"] for r in records.values()}) == 1
+    assert records["fibration"]["params_after"] < records["fibration"]["params_before"]
+    # the ablated branch holds rows of the epoch-2 weights and their Adam state, index-selected
+    run = arms["random_ablation"]
+    branch = load_checkpoint(checkpoint_epochs(tmp_path / run / "checkpoints", run)[2])
+    assert (branch["epoch"], branch["agent_step"]) == (2, source["agent_step"])
+    name = "core.critic_1.weight"
+    old, new = source["policy_state_dict"][name], branch["policy_state_dict"][name]
+    assert new.shape[0] < old.shape[0] and new.shape[1] == old.shape[1]
+    rows = torch.cat([(old == row).all(1).nonzero()[0] for row in new])
+    position = [n for n, _ in policy_from_checkpoint(source).named_parameters()].index(name)
+    old_adam, new_adam = (c["optimizer_state_dict"]["state"][position] for c in (source, branch))
+    assert torch.equal(new_adam["exp_avg_sq"], old_adam["exp_avg_sq"][rows]) and new_adam["step"] == old_adam["step"]
+    # the branch shares the baseline's history up to the branch point, and the scratch arm starts from zero
+    assert [m["metric/epoch"] for m in read_metrics(tmp_path / arms["fibration"] / "metrics.jsonl")] == [1, 2]
+    scratch = arms["scratch"]
+    assert sorted(checkpoint_epochs(tmp_path / scratch / "checkpoints", scratch)) == [0, 2]
+
+
+def test_bad_collapse_settings_fail_before_training(tmp_path: Path):
+    baseline(tmp_path)
+    common = [
+        "experiments.recipes.collapse_arena.train",
+        f"train_dir={tmp_path}",
+        "trainer.batch_size=384",
+        "trainer.minibatch_size=192",
+        "trainer.bptt_horizon=16",
+        "training_env.arena=small",
+    ]
+    cases = {
+        "collapse.epoch_idx=99999": "collapse.epoch_idx=99999 is beyond this run's last epoch",
+        "collapse.thresholds.cnn=2.5": "collapse.thresholds.cnn",
+        "collapse.mode=prune": "collapse.mode",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            build_tool([*common, "run=bad", "trainer.total_timesteps=768", override]).invoke()
+    with pytest.raises(ConfigError, match="runs with checkpoints: base"):
+        build_tool([*common, "collapse.init_from=nope"]).invoke()
+    with pytest.raises(ConfigError, match="its checkpoint epochs: 2, 4"):
+        build_tool([*common, "collapse.init_from=base", "collapse.epoch_idx=3"]).invoke()
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,113 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metta_collapse.training import trainer
+from metta_collapse.training.config import ConfigError
+from metta_collapse.training.runner import build_tool, main
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = "experiments.recipes.arena_basic_easy_shaped.train"
+# the study's baseline command, verbatim
+BASELINE = [
+    "--args",
+    "run='base'",
+    "--overrides",
+    "policy_architecture.name='fast'",
+    "trainer.evaluation.evaluate_interval=0",
+    "trainer.checkpoint.checkpoint_interval=10",
+    "trainer.checkpoint.wandb_checkpoint_interval=10",
+    "trainer.evaluation.replay_dir='base'",
+    "trainer.evaluation.skip_git_check=true",
+]
+
+
+@pytest.fixture(autouse=True)
+def repo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+
+
+def test_both_syntaxes_build_the_same_tool():
+    september = build_tool([RECIPE, *BASELINE, "trainer.total_timesteps=1000"])
+    current = build_tool(
+        [RECIPE, *[arg for arg in BASELINE if not arg.startswith("--")], "trainer.total_timesteps=1000"]
+    )
+    assert september.model_dump() == current.model_dump()
+    assert september.run == "base"
+    assert september.trainer.checkpoint.checkpoint_interval == 10
+    assert september.trainer.evaluation.replay_dir == "base"
+    assert september.trainer.evaluation.skip_git_check is True
+    assert september.trainer.total_timesteps == 1000
+
+
+def test_args_the_recipe_does_not_take_may_name_tool_fields():
+    assert build_tool([RECIPE, "--args", "run=a", "seed=3"]).seed == 3
+    with pytest.raises(ConfigError, match="unknown argument 'colour'"):
+        build_tool([RECIPE, "--args", "colour=red"])
+
+
+def test_unknown_override_names_the_key_and_the_valid_keys(capsys: pytest.CaptureFixture):
+    assert main([RECIPE, "run=x", "trainer.checkpoint.interval=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error:")
+    assert "'trainer.checkpoint.interval'" in err
+    assert "checkpoint_interval" in err and "wandb_checkpoint_interval" in err
+
+
+def test_wrongly_typed_value_names_the_field(capsys: pytest.CaptureFixture):
+    assert main([RECIPE, "run=x", "trainer.batch_size=lots"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.batch_size" in err and "'lots'" in err and "integer" in err
+
+
+def test_batch_size_that_does_not_fit_the_agents_fails_before_any_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    def no_env(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an environment was started")
+
+    monkeypatch.setattr(trainer, "make_vecenv", no_env)
+    args = [
+        RECIPE,
+        "run=x",
+        f"train_dir={tmp_path}",
+        "trainer.batch_size=4096",
+        "trainer.minibatch_size=1024",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "trainer.batch_size=4096" in err and "24 agents" in err and "1536" in err
+    assert not (tmp_path / "x").exists()
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ""}
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path: Path):
+    result = run_cli([RECIPE, "run=x", "trainer.bogus=1"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "trainer.bogus" in result.stderr
+
+
+def test_baseline_command_runs_verbatim(tmp_path: Path):
+    result = run_cli([RECIPE, *BASELINE, "trainer.total_timesteps=1000"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "parameters" in result.stdout
+    run_dir = tmp_path / "train_dir" / "base"
+    checkpoints = list((run_dir / "checkpoints").glob("base__e1__s24576__t*__sc0.pt"))
+    assert len(checkpoints) == 1
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    assert list((run_dir / "wandb").glob("offline-run-*"))

@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""Run a recipe: ./tools/run.py MODULE.FUNC [--args k=v ...] [--overrides a.b=c ...], or MODULE.FUNC k=v"""
+
+import sys
+from pathlib import Path
+
+# the repository root holds `experiments/` (never installed) and, when not installed, `metta_collapse/`
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from metta_collapse.training.runner import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
