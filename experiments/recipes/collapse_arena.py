@@ -9,13 +9,24 @@ Built on the baseline recipe `arena_basic_easy_shaped`: the same tool, plus the 
 
 from experiments.recipes import arena_basic_easy_shaped
 from metta_collapse.training.collapse import CollapseTrainTool
+from metta_collapse.training.config import TrainTool
 from metta_collapse.training.sweep import SweepTool
 
 
-def train(run: str | None = None) -> CollapseTrainTool:
-    base = arena_basic_easy_shaped.train(run)
+def _with_collapse(base: TrainTool) -> CollapseTrainTool:
     # attribute objects, not model_dump(): typed sub-configs stay typed
     return CollapseTrainTool(**{name: getattr(base, name) for name in type(base).model_fields})
+
+
+def train(run: str | None = None) -> CollapseTrainTool:
+    return _with_collapse(arena_basic_easy_shaped.train(run))
+
+
+def small(run: str | None = None) -> CollapseTrainTool:
+    """The small arena (the README's demo): trains, collapses at epoch 40, keeps training to epoch 80."""
+    tool = _with_collapse(arena_basic_easy_shaped.small(run))
+    tool.collapse.epoch_idx = 40
+    return tool
 
 
 def sweep(name: str = "collapse_sweep") -> SweepTool:
