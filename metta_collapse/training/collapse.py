@@ -157,20 +157,7 @@ class CollapseTrainTool(TrainTool):
         optimizer = self.make_optimizer(policy)
         optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         observations = self.recent_observations(policy)
-        _, record = collapse_live(
-            policy,
-            "core",
-            core_inputs(policy, observations),
-            CORE_SPEC,
-            c.engine_config(),
-            optimizer,
-            [],
-            lambda: policy(observations, {}),
-            c.mode,
-            c.seed,
-            c.optimizer_state,
-            c.recurrent_state,
-        )
+        record = self.collapse_policy(policy, optimizer, observations, [])
         scratch = c.mode == "scratch"
         epoch, step, wall = (
             (0, 0, 0.0) if scratch else (checkpoint["epoch"], checkpoint["agent_step"], checkpoint["wall_time"])
@@ -184,6 +171,31 @@ class CollapseTrainTool(TrainTool):
         save_checkpoint(self.checkpoint_dir, self.run, policy, optimizer, epoch, step, wall, extra={"collapse": record})
         write_json(self.run_dir / "collapse.json", record)
         print_record(record)
+
+    def collapse_policy(
+        self,
+        policy: FastPolicy,
+        optimizer: torch.optim.Optimizer,
+        observations: torch.Tensor,
+        buffers: list[PackedState],
+    ) -> dict:
+        c = self.collapse
+        observations = observations.to(policy.feature_scale.device)
+        _, record = collapse_live(
+            policy,
+            "core",
+            core_inputs(policy, observations),
+            CORE_SPEC,
+            c.engine_config(),
+            optimizer,
+            buffers,
+            lambda: policy(observations, {}),
+            c.mode,
+            c.seed,
+            c.optimizer_state,
+            c.recurrent_state,
+        )
+        return record
 
     def make_optimizer(self, policy: FastPolicy) -> torch.optim.Optimizer:
         """The optimizer PuffeRL builds (Adam with the tool's settings), to carry a checkpoint's state."""
@@ -238,20 +250,7 @@ class CollapseTrainTool(TrainTool):
             for key in holder
         ]
         try:
-            _, record = collapse_live(
-                policy,
-                "core",
-                core_inputs(policy, observations),
-                CORE_SPEC,
-                c.engine_config(),
-                state.optimizer,
-                buffers,
-                lambda: policy(observations.to(policy.feature_scale.device), {}),
-                c.mode,
-                c.seed,
-                c.optimizer_state,
-                c.recurrent_state,
-            )
+            record = self.collapse_policy(policy, state.optimizer, observations, buffers)
         except Exception as error:
             pre_collapse.unlink()
             raise RuntimeError(f"collapse at epoch {state.epoch} failed, nothing was changed: {error}") from error
