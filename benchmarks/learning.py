@@ -11,6 +11,7 @@ per second, and writes everything to JSON.
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,19 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `experiments` lives at the repository root
+
+from experiments.recipes.arena_basic_easy_shaped import SMALL  # noqa: E402
 from metta_collapse.training.arena import make_small_arena, make_vecenv
 from metta_collapse.training.config import TrainTool, apply_override
 from metta_collapse.training.policy import FastPolicy
 from metta_collapse.training.trainer import TrainerState, train
 
 TARGET_RATIO = 3.0
-NUM_ENVS = 4
-# PPO settings of this benchmark, as overrides of the train tool's defaults (Metta's, except where noted)
+NUM_ENVS = int(SMALL["training_env.num_envs"])
+# the small recipe's PPO settings (see experiments/recipes/arena_basic_easy_shaped.py for why they differ)
 SETTINGS = {
-    "trainer.batch_size": 12288,
-    "trainer.minibatch_size": 2048,
-    "trainer.bptt_horizon": 64,
-    "trainer.optimizer.learning_rate": 0.000457,
+    key: value
+    for key, value in SMALL.items()
+    if key.startswith("trainer.") and "checkpoint" not in key and key != "trainer.total_timesteps"
 }
 
 

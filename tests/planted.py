@@ -112,4 +112,4 @@ def expand_fast(policy, copies: int, seed: int = 0):
         big.action_query_weight.copy_(expand(base.action_query_weight.T, None, owner["actor_1"], g, True).T)
         big.action_embeddings.weight.copy_(base.action_embeddings.weight)
         big.action_bias.copy_(base.action_bias)
-    return FastPolicy(big, height, width, policy.feature_scale.clone())
+    return FastPolicy(big, height, width, policy.feature_scale.clone(), policy.tag_feature)

@@ -28,27 +28,41 @@ DEFAULT_WIDTHS = {
 }
 
 
-def tokens_to_box(tokens: torch.Tensor, feature_scale: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(N, M, 3) uint8 tokens -> (N, C, height, width) float box, C = len(feature_scale).
+def tokens_to_box(
+    tokens: torch.Tensor,
+    feature_scale: torch.Tensor,
+    height: int,
+    width: int,
+    tag_feature: int,
+    num_tags: int,
+) -> torch.Tensor:
+    """(N, M, 3) uint8 tokens -> (N, F + num_tags, height, width) float box, F = len(feature_scale).
 
-    Byte 0 packs row << 4 | col (0xFF empty, 0xFE global), byte 1 is the feature id, byte 2 the value.
-    Global tokens go to the centre cell (the agent's own cell); values are multiplied by the feature's scale.
+    Byte 0 packs row << 4 | col (0xFF empty, 0xFE global), byte 1 is the feature id, byte 2 the value. Global
+    tokens go to the centre cell (the agent's own cell). A value lands in its feature's channel, multiplied by
+    the feature's scale, except for tag tokens: their value names the object's type, so they set channel
+    F + value to 1 (one-hot) instead.
     """
     num_features = feature_scale.shape[0]
+    num_channels = num_features + num_tags
     n = tokens.shape[0]
     coords = tokens[..., 0].long()
     features = tokens[..., 1].long()
+    raw = tokens[..., 2]
+    is_tag = features == tag_feature
+    channels = torch.where(is_tag, num_features + raw.long(), features)
+    values = torch.where(is_tag, 1.0, raw.float() * feature_scale[features.clamp(max=num_features - 1)])
     is_global = coords == GLOBAL_TOKEN
     rows = torch.where(is_global, height // 2, coords >> 4)
     cols = torch.where(is_global, width // 2, coords & 0x0F)
-    valid = (coords != EMPTY_TOKEN) & (features < num_features) & (rows < height) & (cols < width)
+    valid = (coords != EMPTY_TOKEN) & (features < num_features) & (channels < num_channels)
+    valid &= (rows < height) & (cols < width)
     cells = height * width
     # invalid tokens are sent to one spare slot past the end, dropped below
-    index = torch.where(valid, features * cells + rows * width + cols, num_features * cells)
-    values = tokens[..., 2].float() * feature_scale[features.clamp(max=num_features - 1)]
-    box = torch.zeros(n, num_features * cells + 1, dtype=values.dtype, device=tokens.device)
+    index = torch.where(valid, channels * cells + rows * width + cols, num_channels * cells)
+    box = torch.zeros(n, num_channels * cells + 1, dtype=values.dtype, device=tokens.device)
     box.scatter_reduce_(1, index, values, reduce="amax")
-    return box[:, :-1].reshape(n, num_features, height, width)
+    return box[:, :-1].reshape(n, num_channels, height, width)
 
 
 class FastCore(nn.Module):
@@ -119,19 +133,34 @@ class FastCore(nn.Module):
 class FastPolicy(nn.Module):
     """PuffeRL-facing: tokens in, (logits, value) out, recurrent state packed as [layer 1 | layer 2]."""
 
-    def __init__(self, core: FastCore, obs_height: int, obs_width: int, feature_scale: torch.Tensor):
+    def __init__(
+        self,
+        core: FastCore,
+        obs_height: int,
+        obs_width: int,
+        feature_scale: torch.Tensor,
+        tag_feature: int = -1,
+    ):
         super().__init__()
         self.core = core
         self.obs_height = obs_height
         self.obs_width = obs_width
         self.register_buffer("feature_scale", feature_scale.float())
+        # the feature whose values are object types, one-hot encoded after the feature channels (-1: none)
+        self.tag_feature = tag_feature
 
     @property
     def hidden_size(self) -> int:
         return self.core.lstm1.hidden_size + self.core.lstm2.hidden_size
 
+    @property
+    def num_tags(self) -> int:
+        return self.core.cnn1.in_channels - self.feature_scale.shape[0]
+
     def box(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens_to_box(tokens, self.feature_scale, self.obs_height, self.obs_width)
+        return tokens_to_box(
+            tokens, self.feature_scale, self.obs_height, self.obs_width, self.tag_feature, self.num_tags
+        )
 
     def _run(
         self, box: torch.Tensor, packed_h: torch.Tensor | None, packed_c: torch.Tensor | None, batch: int
@@ -167,7 +196,9 @@ def architecture(policy: FastPolicy) -> dict:
     core = policy.core
     return {
         "name": "fast",
-        "num_features": core.cnn1.weight.shape[1],
+        "num_features": policy.feature_scale.shape[0],
+        "tag_feature": policy.tag_feature,
+        "num_tags": policy.num_tags,
         "obs_height": policy.obs_height,
         "obs_width": policy.obs_width,
         "num_actions": core.action_embeddings.weight.shape[0],
@@ -189,22 +220,26 @@ def build_policy(arch: dict) -> FastPolicy:
     """A freshly initialised policy with the widths of `arch` (as written by `architecture`)."""
     if arch["name"] != "fast":
         raise ValueError(f"unknown policy architecture {arch['name']!r}; available: fast")
-    core = FastCore(
-        arch["num_features"], arch["obs_height"], arch["obs_width"], arch["num_actions"], arch["widths"]
-    )
-    return FastPolicy(core, arch["obs_height"], arch["obs_width"], torch.ones(arch["num_features"]))
+    # specs written before object types were one-hot encoded have neither key
+    channels = arch["num_features"] + arch.get("num_tags", 0)
+    core = FastCore(channels, arch["obs_height"], arch["obs_width"], arch["num_actions"], arch["widths"])
+    feature_scale = torch.ones(arch["num_features"])
+    return FastPolicy(core, arch["obs_height"], arch["obs_width"], feature_scale, arch.get("tag_feature", -1))
 
 
 def make_policy(env: MettaGridPufferEnv, name: str = "fast") -> FastPolicy:
     """The policy for `env` with the layout's default widths; sizes and feature scales come from the env."""
     cfg = env.env_cfg.game
-    features = cfg.id_map().features()
+    id_map = cfg.id_map()
+    features = id_map.features()
     feature_scale = torch.zeros(max(f.id for f in features) + 1)
     for feature in features:
         feature_scale[feature.id] = 1.0 / feature.normalization
     arch = {
         "name": name,
         "num_features": feature_scale.shape[0],
+        "tag_feature": id_map.feature_id("tag"),
+        "num_tags": len(id_map.tag_names()),
         "obs_height": cfg.obs.height,
         "obs_width": cfg.obs.width,
         "num_actions": int(env.single_action_space.n),

@@ -45,7 +45,7 @@ def test_converter_chain_changes_inventory_and_pays_shaped_rewards():
     # the battery reward is capped at 1: a second battery adds only 0.2
     assert step("move_east") == pytest.approx(0.1)
     assert agent.inventory == {"battery_red": 2}
-    # one battery -> one heart (the easy altar): +1 for the heart, -0.2 as the battery total drops below the cap
+    # one battery -> one heart (the easy altar): +1 for the heart, -0.2 as the batteries drop below the cap
     assert step("move_south") == pytest.approx(0.8)
     assert agent.inventory == {"battery_red": 1, "heart": 1}
     assert step("move_south") == pytest.approx(0.2)

@@ -16,29 +16,34 @@ def token(row: int, col: int, feature: int, value: int) -> list[int]:
 
 
 def test_tokens_to_box_places_values_by_coordinates_and_feature():
-    scale = torch.tensor([1.0, 0.5, 0.1])
+    scale = torch.tensor([1.0, 0.5, 0.1, 1.0])
+    tag = 3  # feature 3 carries object types: one-hot in channels 4 + type
     tokens = torch.tensor(
         [
             [
                 token(2, 3, 1, 4),  # row 2, col 3 (byte 0x23)
                 token(10, 0, 0, 7),  # bottom-left corner
                 [0xFE, 2, 50],  # global token: the centre cell
+                token(4, 4, tag, 1),  # an object of type 1
                 token(0, 9, 5, 9),  # unknown feature id: dropped
+                token(1, 1, tag, 2),  # unknown object type: dropped
                 token(12, 1, 0, 3),  # outside the 11x11 window: dropped
                 [0xFF, 0xFF, 0xFF],  # padding
                 [0xFF, 0xFF, 0xFF],
             ],
-            [token(0, 0, 0, 1)] + [[0xFF, 0xFF, 0xFF]] * 6,
+            [token(0, 0, 0, 1), token(0, 0, tag, 0)] + [[0xFF, 0xFF, 0xFF]] * 7,
         ],
         dtype=torch.uint8,
     )
-    box = tokens_to_box(tokens, scale, 11, 11)
-    assert box.shape == (2, 3, 11, 11)
-    expected = torch.zeros(2, 3, 11, 11)
+    box = tokens_to_box(tokens, scale, 11, 11, tag_feature=tag, num_tags=2)
+    assert box.shape == (2, 6, 11, 11)
+    expected = torch.zeros(2, 6, 11, 11)
     expected[0, 1, 2, 3] = 2.0
     expected[0, 0, 10, 0] = 7.0
     expected[0, 2, 5, 5] = 5.0
+    expected[0, 4 + 1, 4, 4] = 1.0
     expected[1, 0, 0, 0] = 1.0
+    expected[1, 4 + 0, 0, 0] = 1.0
     assert torch.equal(box, expected)
 
 
@@ -49,11 +54,19 @@ def test_box_from_the_environment_shows_objects_where_they_are():
     box = policy.box(torch.as_tensor(obs))
     id_map = env.env_cfg.game.id_map()
     tags = id_map.tag_names()
-    tag_channel = box[0, id_map.feature_id("tag")] * 10  # tag values are scaled by 1/10
+    num_features = len(id_map.features())
+    assert box.shape == (1, num_features + len(tags), 11, 11)
     centre = 5
-    assert tag_channel[centre, centre - 1] == tags.index("type:mine_red")
-    assert tag_channel[centre, centre + 1] == tags.index("type:generator_red")
-    assert tag_channel[centre + 1, centre] == tags.index("type:altar")
+
+    def type_at(row: int, col: int) -> list[str]:
+        return [tags[i] for i in box[0, num_features:, row, col].nonzero().flatten().tolist()]
+
+    assert type_at(centre, centre) == ["type:agent"]
+    assert type_at(centre, centre - 1) == ["type:mine_red"]
+    assert type_at(centre, centre + 1) == ["type:generator_red"]
+    assert type_at(centre + 1, centre) == ["type:altar"]
+    assert type_at(centre - 1, centre) == ["type:wall"]
+    assert box[0, id_map.feature_id("tag")].sum() == 0
 
 
 def small_policy() -> FastPolicy:

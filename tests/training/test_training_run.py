@@ -50,7 +50,7 @@ def test_smoke_run_leaves_checkpoints_metrics_and_an_offline_wandb_run(tmp_path:
     tool = tiny_tool(tmp_path, "smoke", total=3 * 384)
     train(tool, on_epoch_end=on_epoch_end)
     assert seen == [(1, 384), (2, 768), (3, 1152)]
-    assert "571,862 parameters" in capsys.readouterr().out
+    assert "579,862 parameters" in capsys.readouterr().out
 
     run_dir = tmp_path / "smoke"
     metrics = read_metrics(run_dir / "metrics.jsonl")
