@@ -49,7 +49,12 @@ def arms() -> list[tuple[str, dict[str, str]]]:
 
 def run(train_dir: str, run_name: str, overrides: dict[str, str]) -> Path:
     tool = collapse_arena.small(run_name)
-    for key, value in {"train_dir": train_dir, "wandb.enabled": "false", **overrides}.items():
+    for key, value in {
+        "train_dir": train_dir,
+        "wandb.enabled": "false",
+        "trainer.checkpoint.wandb_checkpoint_interval": "0",
+        **overrides,
+    }.items():
         apply_override(tool, key, value)
     tool.invoke()
     return Path(train_dir) / tool.run

@@ -37,7 +37,12 @@ ARMS = {"baseline": None, "collapsed": "fibration", "random ablation": "random_a
 
 def run(train_dir: Path, name: str | None, overrides: dict[str, object]) -> str:
     tool = collapse_arena.small(name)
-    for key, value in {"train_dir": str(train_dir), "wandb.enabled": "false", **overrides}.items():
+    for key, value in {
+        "train_dir": str(train_dir),
+        "wandb.enabled": "false",
+        "trainer.checkpoint.wandb_checkpoint_interval": "0",
+        **overrides,
+    }.items():
         apply_override(tool, key, str(value))
     tool.invoke()
     return tool.run

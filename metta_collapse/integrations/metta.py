@@ -1,0 +1,475 @@
+"""The collapse inside a Metta checkout (docs/metta.md), in both of Metta's eras.
+
+Metta is imported lazily: without it this module still imports, and everything that does not subclass a Metta
+class — era detection, the layer chains of Metta's `fast` policy, the collapse of a live agent and the hook
+logic — runs on any torch module with the same layer names. The live operation is `collapse_live`; this file
+only describes Metta's policy to it and wires it into Metta's trainer.
+"""
+
+import functools
+import importlib.util
+import logging
+import operator
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, create_model
+from torch import fx, nn
+
+import metta_collapse as mc
+from metta_collapse.live import collapse_live
+
+Era = Literal["current", "september"]
+# set on the agent after a collapse; September checkpoints pickle the agent, so a resumed run sees it
+MARKER = "metta_collapse_record"
+ANALYSIS_ROWS = 1024
+log = logging.getLogger(__name__)
+S = mc.Step
+
+
+def detect_era() -> Era | None:
+    """`current` (trainer components, a8d1ece), `september` (losses, b712df1), or None without Metta."""
+    for era, module in (("current", "metta.rl.training.component"), ("september", "metta.rl.loss.base_loss")):
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return era
+        except ImportError:  # no `metta`, or the unrelated PyPI package of that name
+            continue
+    return None
+
+
+# ----- the `collapse` section, declared on Metta's Config base
+
+
+def section_fields(thresholds: type[BaseModel]) -> dict[str, Any]:
+    """The section's fields; the embedded runtime's `CollapseSection` has the same names, types and defaults.
+    Branching (`init_from`) and the scratch null model need a restart from a checkpoint: embedded only."""
+    return {
+        "enabled": (bool, True),
+        "epoch_idx": (int, Field(default=10, ge=0)),
+        "thresholds": (thresholds, Field(default_factory=thresholds)),
+        "metric": (mc.config.Metric, "cosine"),
+        "mode": (Literal["fibration", "random_ablation"], "fibration"),
+        "optimizer_state": (Literal["remap", "reset"], "remap"),
+        "seed": (int, 0),
+    }
+
+
+def section_class(base: type[BaseModel]) -> type[BaseModel]:
+    """`CollapseSection` on `base`: Metta's override walker only enters Metta `Config` objects."""
+    thresholds = create_model(
+        "CollapseThresholds",
+        __base__=base,
+        **{name: (f.annotation, f) for name, f in mc.Thresholds.model_fields.items()},
+    )
+    return create_model("CollapseSection", __base__=base, **section_fields(thresholds))
+
+
+@functools.cache
+def metta_section_class() -> type[BaseModel]:
+    if detect_era() == "current":
+        from mettagrid.base_config import Config
+    else:
+        from metta.mettagrid.config import Config
+    return section_class(Config)
+
+
+def engine_config(section: BaseModel) -> mc.CollapseConfig:
+    return mc.CollapseConfig(thresholds=mc.Thresholds(**section.thresholds.model_dump()), metric=section.metric)
+
+
+# ----- layer chains of Metta's `fast` policy
+
+
+def current_fast_chain(root: nn.Module) -> fx.GraphModule:
+    """`FastPolicy` (a8d1ece, agent/src/metta/agent/policies/fast.py): the CNN encoder from the normalised box,
+    and the heads from the Cortex core's output. The core itself is not described, so its input and output
+    keep their width (its stack of blocks is Cortex's, not a plain LSTM)."""
+    steps = [
+        S("cnn_encoder.cnn1", ("box",)),
+        S(torch.relu, name="x1"),
+        S("cnn_encoder.cnn2", ("x1",)),
+        S(torch.relu, name="x2"),
+        S(torch.flatten, ("x2", 1), name="flat"),
+        S("cnn_encoder.fc1", ("flat",)),
+        S(torch.relu, name="x3"),
+        S("cnn_encoder.encoded_obs", ("x3",)),
+        S(torch.relu, name="encoded"),
+        S("actor_1.module", ("core",)),
+        S(torch.relu, name="actor"),
+        S("actor_logits.module", ("actor",), name="logits"),
+        S("critic_1.module", ("core",)),
+        S(torch.tanh, name="critic"),
+        S("value_head.module", ("critic",), name="value"),
+        S("gtd_aux.module", ("critic",), name="h_value"),
+    ]
+    return mc.chain_graph(root, ["box", "core"], steps, ["logits", "value", "h_value", "encoded"])
+
+
+def september_fast_chain(root: nn.Module) -> fx.GraphModule:
+    """`pytorch/fast` (b712df1, agent/src/metta/agent/pytorch/fast.py) on one step from the given state: the
+    normalised box, the encoder, the sequence-first 2-layer LSTM, the critic and actor_1. actor_1 feeds the
+    bilinear action head (actor_W is 3-d, which the engine does not rewrite), so it keeps its width."""
+    steps = [
+        S("policy.cnn1", ("box",)),
+        S(torch.relu, name="x1"),
+        S("policy.cnn2", ("x1",)),
+        S(torch.relu, name="x2"),
+        S(torch.flatten, ("x2", 1), name="flat"),
+        S("policy.fc1", ("flat",)),
+        S(torch.relu, name="x3"),
+        S("policy.encoded_obs", ("x3",)),
+        S(torch.relu, name="encoded"),
+        S(torch.unsqueeze, ("encoded", 0), name="seq"),
+        S("lstm", ("seq", ("h", "c")), name="l"),
+        S(operator.getitem, ("l", 0), name="o"),
+        S(operator.getitem, ("l", 1), name="s"),
+        S(operator.getitem, ("s", 0), name="h_n"),
+        S(operator.getitem, ("s", 1), name="c_n"),
+        S(torch.squeeze, ("o", 0), name="hidden"),
+        S("policy.critic_1", ("hidden",)),
+        S(torch.tanh, name="critic"),
+        S("policy.value_head", ("critic",), name="value"),
+        S("policy.actor_1", ("hidden",)),
+        S(torch.relu, name="actor"),
+    ]
+    return mc.chain_graph(root, ["box", "h", "c"], steps, ["actor", "value", "h_n", "c_n"])
+
+
+CHAINS = {"current": current_fast_chain, "september": september_fast_chain}
+SPECS = {
+    "current": mc.ModelSpec(outputs=["logits", "value", "value", "features"]),
+    "september": mc.ModelSpec(
+        inputs={"h": mc.InputSpec(role="state"), "c": mc.InputSpec(role="state")},
+        outputs=["features", "value", "state", "state"],
+    ),
+}
+# where the chain's inputs are read from the trainer's own forward passes: input name -> layer it enters
+ENTRIES = {
+    "current": {"box": "cnn_encoder.cnn1", "core": "actor_1.module"},
+    "september": {"box": "policy.cnn1"},
+}
+
+
+def find_fast(agent: nn.Module, era: Era) -> str:
+    """Qualified name of the `fast` policy inside Metta's agent ('' when the agent is it)."""
+    for name, module in agent.named_modules():
+        if all(_has(module, path) for path in ENTRIES[era].values()) and (era == "current" or _has(module, "lstm")):
+            return name
+    policy = "pytorch/fast (policy_architecture.name=pytorch/fast)" if era == "september" else "fast (FastConfig)"
+    raise mc.CollapseError(f"the agent ({type(agent).__name__}) holds no {policy} policy, the one the adapter knows")
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+class RecentInputs:
+    """The latest batch entering the chain's entry layers during the trainer's own forward passes (views, no
+    copies: the hooks cost nothing while a collapse is pending)."""
+
+    def __init__(self, root: nn.Module, entries: dict[str, str], tensors: dict[str, torch.Tensor] | None = None):
+        self.tensors = {} if tensors is None else tensors
+        self.handles = [
+            root.get_submodule(path).register_forward_pre_hook(self._keeper(name)) for name, path in entries.items()
+        ]
+
+    def _keeper(self, name: str):
+        def keep(module: nn.Module, args: tuple) -> None:
+            self.tensors[name] = args[0].detach()[:ANALYSIS_ROWS]
+
+        return keep
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _chain_inputs(era: Era, chain: fx.GraphModule, recent: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    box = recent["box"].clone()
+    if era == "current":
+        return box, recent["core"].clone()
+    lstm = chain.get_submodule("lstm")  # zero state at the LSTM's live widths (an nn.LSTM or, split, an LSTMStack)
+    zeros = box.new_zeros(lstm.num_layers, box.shape[0], lstm.hidden_size)
+    return box, zeros, zeros.clone()
+
+
+def collapse_agent(
+    agent: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    era: Era,
+    section: BaseModel,
+    recent: dict[str, torch.Tensor],
+) -> dict:
+    """Collapse Metta's `fast` policy inside `agent` in place, with its optimizer; all or nothing.
+
+    `recent` holds the chain's inputs from recent forward passes (`RecentInputs`). The recorded KL is between
+    softmaxes of the chain's first output: the logits (current era) or actor_1's features, which the unchanged
+    action head maps to logits (September)."""
+    prefix = find_fast(agent, era)
+    root = agent.get_submodule(prefix)
+    chain = CHAINS[era](root)
+    view = nn.Module()
+    view.agent = agent  # collapse_live's transaction then restores every module of the agent on failure
+    view.chain = chain
+
+    def behaviour() -> tuple[torch.Tensor, torch.Tensor]:
+        if era == "september":
+            # the chain's leaves are the agent's, but a 2-layer LSTM split into a stack is replaced in the chain
+            # only; install it here, inside the transaction, so a failure undoes this too
+            root.lstm = chain.get_submodule("lstm")
+            root.hidden_size, root.num_layers = root.lstm.hidden_size, root.lstm.num_layers
+        outputs = chain(*_chain_inputs(era, chain, recent))
+        return outputs[0], outputs[1]
+
+    _, record = collapse_live(
+        view,
+        "chain",
+        _chain_inputs(era, chain, recent),
+        SPECS[era],
+        engine_config(section),
+        optimizer,
+        [],
+        behaviour,
+        section.mode,
+        section.seed,
+        section.optimizer_state,
+    )
+    if era == "september":
+        root.reset_memory()  # per-environment states have the old widths
+    return record
+
+
+class CollapseFailed(RuntimeError):
+    """Raised after a failed collapse; Metta's trainer only logs component exceptions, so it is also logged."""
+
+
+class CollapseHook:
+    """The adapter's logic, shared by the current-era component and the September-era loss: watch the policy's
+    inputs while a collapse is pending, collapse once at the first epoch >= `epoch_idx`, report."""
+
+    def __init__(self, section: BaseModel, era: Era, wandb_run: Any = None):
+        self.section = section
+        self.era = era
+        self.wandb_run = wandb_run
+        self.recent: RecentInputs | None = None
+        self.latest: dict[str, torch.Tensor] = {}  # outlives the hooks, which live only while watching
+        self.failed = False
+
+    def pending(self, agent: nn.Module) -> bool:
+        return self.section.enabled and not self.failed and getattr(agent, MARKER, None) is None
+
+    def watch(self, agent: nn.Module) -> None:
+        if self.recent is None and self.pending(agent):
+            root = agent.get_submodule(find_fast(agent, self.era))
+            self.recent = RecentInputs(root, ENTRIES[self.era], self.latest)
+
+    def unwatch(self) -> None:
+        if self.recent is not None:
+            self.recent.remove()
+            self.recent = None
+
+    def maybe_collapse(self, agent: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, agent_step: int):
+        if not self.pending(agent) or epoch < self.section.epoch_idx:
+            return None
+        recent = self.latest
+        if set(recent) != set(ENTRIES[self.era]):
+            log.warning("collapse due at epoch %d waits for the policy's first forward pass", epoch)
+            return None
+        try:
+            record = collapse_agent(agent, optimizer, self.era, self.section, recent)
+        except Exception as error:
+            self.failed = True
+            self.unwatch()
+            message = (
+                f"COLLAPSE FAILED at epoch {epoch}: the policy and the optimizer are unchanged, training goes on "
+                f"uncollapsed. {type(error).__name__}: {error}"
+            )
+            log.error(message, exc_info=True)
+            self.log({"collapse/failed": 1.0})
+            raise CollapseFailed(message) from error
+        self.unwatch()
+        self.latest.clear()
+        record |= {"epoch": epoch, "agent_step": agent_step}
+        setattr(agent, MARKER, record)
+        self.log(metrics(record))
+        log.warning(
+            "collapse at epoch %d: %d -> %d parameters, KL max %.2e, value error %.2e; widths %s",
+            epoch,
+            record["params_before"],
+            record["params_after"],
+            record["kl_max"],
+            record["value_err"],
+            {layer["name"]: f"{layer['width_before']}->{layer['width_after']}" for layer in record["layers"]},
+        )
+        return record
+
+    def log(self, values: dict[str, float]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(values)
+            self.wandb_run.summary.update(values)
+
+
+def metrics(record: dict) -> dict[str, float]:
+    """The record as flat numbers, for wandb (`collapse/...`) and Metta's loss stats."""
+    values = {f"collapse/{key}": float(value) for key, value in record.items() if isinstance(value, int | float)}
+    for layer in record["layers"]:
+        values[f"collapse/width_before/{layer['name']}"] = float(layer["width_before"])
+        values[f"collapse/width_after/{layer['name']}"] = float(layer["width_after"])
+    return values
+
+
+# ----- Metta's classes, built on first use (the base classes are parameters so tests can stand in for them)
+
+
+def component_class(base: type) -> type:
+    """Current era: a `TrainerComponent` collapsing at `on_epoch_end(epoch)` once epoch >= epoch_idx."""
+
+    class CollapseComponent(base):
+        def __init__(self, hook: CollapseHook):
+            super().__init__(epoch_interval=1)
+            self.hook = hook
+
+        def register(self, context: Any) -> None:
+            super().register(context)
+            self.hook.watch(context.policy)
+
+        def on_epoch_end(self, epoch: int) -> None:
+            context = self.context
+            self.hook.maybe_collapse(context.policy, context.optimizer, epoch, context.agent_step)
+
+    return CollapseComponent
+
+
+def loss_class(base: type) -> type:
+    """September era: a `BaseLoss` collapsing in `on_new_training_run` once `trainer_state.epoch >= epoch_idx`
+    (the epoch advances by update_epochs); its inputs are watched during rollouts only, so the hooks are never
+    pickled with a checkpointed agent."""
+
+    class CollapseLoss(base):
+        def __init__(self, policy: nn.Module, trainer_cfg: Any, vec_env: Any, device: Any, *args: Any):
+            super().__init__(policy, trainer_cfg, vec_env, device, *args)
+            self.hook = CollapseHook(self.loss_cfg.section, "september")
+
+        def on_new_training_run(self, trainer_state: Any) -> None:
+            super().on_new_training_run(trainer_state)
+            record = self.hook.maybe_collapse(
+                self.policy, trainer_state.optimizer, trainer_state.epoch, trainer_state.agent_step
+            )
+            if record is not None:
+                for key, value in metrics(record).items():
+                    self.loss_tracker[key.replace("/", "_")].append(value)
+
+        def on_rollout_start(self, trainer_state: Any) -> None:
+            super().on_rollout_start(trainer_state)
+            self.hook.watch(self.policy)
+
+        def on_train_phase_end(self, trainer_state: Any) -> None:
+            super().on_train_phase_end(trainer_state)
+            self.hook.unwatch()
+
+    return CollapseLoss
+
+
+def _refuse_compile(tool: Any) -> None:
+    if tool.collapse.enabled and getattr(tool.trainer, "compile", False):
+        raise ValueError("trainer.compile=true is not supported with collapse.enabled: shapes change mid-training")
+
+
+@functools.cache
+def metta_train_tool_class() -> type:
+    """Metta's `TrainTool` plus the `collapse` section, for the era found."""
+    from metta.tools.train import TrainTool
+
+    section = metta_section_class()
+    if detect_era() == "current":
+        from metta.rl.training.component import TrainerComponent
+
+        component = component_class(TrainerComponent)
+
+        class CollapseTrainTool(TrainTool):
+            collapse: section = Field(default_factory=section)
+
+            def invoke(self, *args: Any) -> int | None:
+                _refuse_compile(self)
+                return super().invoke(*args)
+
+            def _register_components(self, *, trainer: Any, wandb_run: Any = None, **kwargs: Any) -> None:
+                super()._register_components(trainer=trainer, wandb_run=wandb_run, **kwargs)
+                trainer.register(component(CollapseHook(self.collapse, "current", wandb_run)))
+
+        return CollapseTrainTool
+
+    from metta.mettagrid.config import Config
+    from metta.rl.loss.base_loss import BaseLoss
+
+    loss = loss_class(BaseLoss)
+
+    class CollapseLossConfig(Config):
+        section: section
+
+        def init_loss(self, policy: nn.Module, trainer_cfg: Any, vec_env: Any, device: Any, *args: Any):
+            return loss(policy, trainer_cfg, vec_env, device, *args)
+
+    class CollapseTrainTool(TrainTool):
+        collapse: section = Field(default_factory=section)
+
+        def invoke(self, *args: Any) -> int | None:
+            _refuse_compile(self)
+            self.trainer.losses.loss_configs["collapse"] = CollapseLossConfig(section=self.collapse)
+            return super().invoke(*args)
+
+    return CollapseTrainTool
+
+
+def metta_train(run: str | None = None) -> Any:
+    """Metta's `arena_basic_easy_shaped` train tool with the `fast` policy, plus the `collapse` section."""
+    if detect_era() == "current":
+        from metta.agent.policies.fast import FastConfig
+        from recipes.prod import arena_basic_easy_shaped
+
+        base = arena_basic_easy_shaped.train(policy_architecture=FastConfig())
+    else:
+        from metta.agent.agent_config import AgentConfig
+
+        from experiments.recipes import arena_basic_easy_shaped
+
+        base = arena_basic_easy_shaped.train()
+        base.policy_architecture = AgentConfig(name="pytorch/fast")
+    # attribute objects, not model_dump(): typed sub-configs stay typed
+    tool = metta_train_tool_class()(**{name: getattr(base, name) for name in type(base).model_fields})
+    if run is not None:
+        tool.run = run
+    return tool
+
+
+SWEEP_CENTERS = {"linear": 0.7, "cnn": 0.5, "lstm": 1.0, "critic": 0.8}
+
+
+def metta_sweep(sweep_name: str, recipe: str, epoch_idx: tuple[int, int] = (100, 1000)) -> Any:
+    """Current era: Metta's Protein sweep over the thresholds and epoch_idx (override paths of the train tool)."""
+    if detect_era() != "current":
+        raise NotImplementedError("the Metta sweep is built for the current era only; September: use the embedded one")
+    from metta.sweep.core import Distribution as D
+    from metta.sweep.core import SweepParameters as SP
+    from metta.sweep.core import make_sweep
+
+    parameters = [
+        SP.param(f"collapse.thresholds.{kind}", D.UNIFORM, min=0.0, max=2.0, search_center=center)
+        for kind, center in SWEEP_CENTERS.items()
+    ]
+    low, high = epoch_idx
+    parameters.append(SP.param("collapse.epoch_idx", D.INT_UNIFORM, min=low, max=high, search_center=(low + high) // 2))
+    return make_sweep(
+        name=sweep_name,
+        recipe=recipe,
+        train_entrypoint="train",
+        eval_entrypoint="evaluate_in_sweep",
+        metric_key="evaluator/eval_sweep/score",
+        search_space=parameters,
+    )
