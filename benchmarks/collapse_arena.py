@@ -86,10 +86,10 @@ def main() -> None:
         baseline = read_metrics(base / "metrics.jsonl")
         before = [m for m in baseline if args.collapse_epoch - 5 < m["metric/epoch"] <= args.collapse_epoch]
         rows = []
-        for label, overrides in arms():
+        for index, (label, overrides) in enumerate(arms()):
             branch = run(
                 train_dir,
-                None,
+                f"arm{index}",
                 overrides
                 | {
                     "collapse.init_from": "base",

@@ -117,6 +117,8 @@ class CollapseTrainTool(TrainTool):
                 self.run = c.branch_name()
             if not self.checkpoint_dir.is_dir() or not checkpoint_epochs(self.checkpoint_dir, self.run):
                 self._branch(source)
+            else:
+                self._check_same_branch()
         elif c.enabled:
             last = math.ceil(self.trainer.total_timesteps / self.trainer.batch_size)
             if c.epoch_idx > last:
@@ -195,7 +197,26 @@ class CollapseTrainTool(TrainTool):
             c.optimizer_state,
             c.recurrent_state,
         )
-        return record
+        return record | {"optimizer_state": c.optimizer_state, "recurrent_state": c.recurrent_state, "seed": c.seed}
+
+    def _check_same_branch(self) -> None:
+        """Resuming a branch must not silently continue one made with other settings under the same name."""
+        c, path = self.collapse, self.run_dir / "collapse.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        wanted = {
+            "mode": c.mode,
+            "metric": c.metric,
+            "thresholds": c.thresholds.model_dump(),
+            "optimizer_state": c.optimizer_state,
+            "recurrent_state": c.recurrent_state,
+            "seed": c.seed,
+        }
+        differs = {key: record.get(key) for key, value in wanted.items() if record.get(key) != value}
+        if differs:
+            raise ConfigError(
+                f"run {self.run!r} already exists as a branch with other collapse settings ({differs}); "
+                "give this branch its own name with run=..."
+            )
 
     def make_optimizer(self, policy: FastPolicy) -> torch.optim.Optimizer:
         """The optimizer PuffeRL builds (Adam with the tool's settings), to carry a checkpoint's state."""

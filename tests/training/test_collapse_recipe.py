@@ -179,3 +179,11 @@ def test_bad_collapse_settings_fail_before_training(tmp_path: Path):
     with pytest.raises(ConfigError, match="its checkpoint epochs: 2, 4"):
         build_tool([*common, "collapse.init_from=base", "collapse.epoch_idx=3"]).invoke()
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_branch_name_already_taken_by_other_settings_is_refused(tmp_path: Path):
+    baseline(tmp_path)
+    collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2).invoke()
+    collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2).invoke()  # the same branch resumes
+    with pytest.raises(ConfigError, match="already exists as a branch with other collapse settings"):
+        collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2, optimizer_state="reset").invoke()
