@@ -48,7 +48,9 @@ def _remap_buffer(plan: CollapsePlan, buffer: PackedState, reset: bool) -> torch
     return torch.zeros_like(mapped) if reset else mapped
 
 
-def behaviour_change(before: Behaviour, after: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+def behaviour_change(
+    before: tuple[torch.Tensor, torch.Tensor], after: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, float]:
     """KL(old || new) of the action distributions and the value change relative to the values' scale."""
     (old_logits, old_values), (new_logits, new_values) = before, after
     old_log_p, new_log_p = torch.log_softmax(old_logits, -1), torch.log_softmax(new_logits, -1)

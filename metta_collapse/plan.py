@@ -1,7 +1,7 @@
 """What a collapse will do: feature spaces and their partitions, per-parameter axis maps, and the report."""
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +25,10 @@ class Space:
 
     def refine(self, labels: np.ndarray, demand: Demand) -> None:
         """Ask the layers producing this space to split their fibers at least as finely as `labels`."""
+
+    def units(self) -> Iterator["Units"]:
+        """The layers' units this space is made of."""
+        return iter(())
 
 
 @dataclass(eq=False)
@@ -55,6 +59,9 @@ class Units(Space):
     def select(self, kept: Kept) -> np.ndarray:
         return kept(self.key)
 
+    def units(self) -> Iterator["Units"]:
+        yield self
+
     def refine(self, labels: np.ndarray, demand: Demand) -> None:
         demand(self.key, labels)
 
@@ -83,6 +90,9 @@ class Flattened(Space):
         per_position = np.asarray(labels).reshape(self.channels.n, self.positions)
         self.channels.refine(canonical(*per_position.T), demand)
 
+    def units(self) -> Iterator[Units]:
+        return self.channels.units()
+
 
 @dataclass(eq=False)
 class Joined(Space):
@@ -109,6 +119,9 @@ class Joined(Space):
         for part, piece in zip(self.parts, np.split(labels, np.cumsum([p.n for p in self.parts])[:-1]), strict=True):
             part.refine(canonical(piece), demand)
 
+    def units(self) -> Iterator[Units]:
+        return (units for part in self.parts for units in part.units())
+
 
 @dataclass(eq=False)
 class Gated(Space):
@@ -128,6 +141,9 @@ class Gated(Space):
     def select(self, kept: Kept) -> np.ndarray:
         chosen = self.hidden.select(kept)
         return np.concatenate([chosen + block * self.hidden.n for block in range(self.blocks)])
+
+    def units(self) -> Iterator[Units]:
+        return self.hidden.units()
 
 
 Role = Literal["out", "in"]

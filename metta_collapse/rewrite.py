@@ -94,13 +94,9 @@ def map_selected(tensor: torch.Tensor, axes: list[AxisMap], kept: dict) -> torch
 
 def random_selection(plan: CollapsePlan, seed: int) -> dict[str, np.ndarray]:
     """For each layer, as many randomly chosen units as the plan keeps (linked layers choose together)."""
-    spaces: dict[str, Space] = {}
-    for param in plan.params.values():
-        for axis_map in param.axes:
-            _collect_units(axis_map.space, spaces)
-    for state in plan.states.values():
-        for space in state.spaces:
-            _collect_units(space, spaces)
+    used = [axis_map.space for param in plan.params.values() for axis_map in param.axes]
+    used += [space for state in plan.states.values() for space in state.spaces]
+    spaces: dict[str, Space] = {units.key: units for space in used for units in space.units()}
     root = {key: key for key in spaces}
 
     def find(key: str) -> str:
@@ -121,15 +117,6 @@ def random_selection(plan: CollapsePlan, seed: int) -> dict[str, np.ndarray]:
             chosen[group] = np.sort(generator.choice(space.n, size=kept, replace=False))
         chosen[key] = chosen[group]
     return chosen
-
-
-def _collect_units(space: Space, into: dict[str, Space]) -> None:
-    key = getattr(space, "key", None)
-    if key is not None:
-        into[key] = space
-    for inner in (getattr(space, "channels", None), getattr(space, "hidden", None), *getattr(space, "parts", [])):
-        if inner is not None:
-            _collect_units(inner, into)
 
 
 def map_state(plan: CollapsePlan, name: str, state: torch.Tensor, kept: dict | None = None) -> torch.Tensor:
@@ -278,14 +265,14 @@ def _remap(
 
 
 @contextlib.contextmanager
-def transaction(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+def transaction(model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
     """Undo every change to the model's modules and the optimizer if the body raises.
 
     Rewrites only rebind attributes to new tensors and modules, never write into existing tensors, so
     shallow copies of each module's attribute dictionaries restore it exactly."""
     saved = [
         (module, {k: (v.copy() if isinstance(v, dict | list) else v) for k, v in vars(module).items()})
-        for module in model.modules()
+        for module in (model.modules() if model is not None else [])
     ]
     groups = [list(group["params"]) for group in optimizer.param_groups] if optimizer is not None else []
     state = dict(optimizer.state) if optimizer is not None else {}
@@ -326,7 +313,7 @@ def remap_optimizer(
     replaced = plan.replaced
     if replaced is None:
         raise CollapseError("remap_optimizer needs a plan that collapse() or ablate() has applied to the model")
-    with transaction(nn.Module(), optimizer):
+    with transaction(None, optimizer):
         _remap(optimizer, model, plan, replaced, plan.kept, reset)
 
 
