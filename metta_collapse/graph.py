@@ -24,7 +24,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 @dataclass
 class Step:
-    """One operation of a layer chain: a submodule's qualified name, or a function.
+    """One operation of a layer chain: a submodule's or a parameter's qualified name, or a function.
 
     `args` names earlier steps or chain inputs (nested tuples allowed, anything else is a literal);
     empty means the previous step's output."""
@@ -50,13 +50,7 @@ def chain_graph(model: nn.Module, inputs: list[str], steps: list[Step | str], ou
         step = Step(step) if isinstance(step, str) else step
         args = resolve(step.args) if step.args else (previous,)
         if isinstance(step.target, str):
-            try:
-                model.get_submodule(step.target)
-            except AttributeError as error:
-                raise CollapseError(
-                    f"layer chain step {index}: {type(model).__name__} has no submodule '{step.target}'"
-                ) from error
-            node = graph.call_module(step.target, args, step.kwargs)
+            node = _module_or_parameter(graph, model, index, step, args)
         else:
             node = graph.call_function(step.target, args, step.kwargs)
         name = step.name or (step.target if isinstance(step.target, str) else f"step{index}")
@@ -65,7 +59,29 @@ def chain_graph(model: nn.Module, inputs: list[str], steps: list[Step | str], ou
     if missing:
         raise CollapseError(f"layer chain outputs {missing} name no step; steps are {list(nodes)}")
     graph.output(tuple(nodes[name] for name in outputs) if len(outputs) != 1 else nodes[outputs[0]])
-    return fx.GraphModule(model, graph)
+    chain = fx.GraphModule(model, graph)
+    for node in graph.nodes:
+        if node.op == "get_attr":  # fx copies a parameter's owner; share the model's, so rewrites reach the model
+            owner, _, _ = node.target.rpartition(".")
+            chain.set_submodule(owner, model.get_submodule(owner))
+    return chain
+
+
+def _module_or_parameter(graph: fx.Graph, model: nn.Module, index: int, step: Step, args: tuple) -> fx.Node:
+    try:
+        model.get_submodule(step.target)
+        return graph.call_module(step.target, args, step.kwargs)
+    except AttributeError:
+        pass
+    try:
+        model.get_parameter(step.target)
+        if "." not in step.target:
+            raise CollapseError(f"layer chain step {index}: '{step.target}' must belong to a submodule, not the root")
+        return graph.get_attr(step.target)
+    except AttributeError:
+        raise CollapseError(
+            f"layer chain step {index}: {type(model).__name__} has no submodule or parameter '{step.target}'"
+        ) from None
 
 
 def as_graph(model: nn.Module, graph: fx.GraphModule | None) -> fx.GraphModule:

@@ -76,12 +76,14 @@ def collapse_live(
     seed: int = 0,
     optimizer_state: Literal["remap", "reset"] = "remap",
     recurrent_state: Literal["map", "reset"] = "map",
+    after_rewrite: Callable[[CollapsePlan], None] | None = None,
 ) -> tuple[CollapsePlan, dict]:
     """Shrink `policy.get_submodule(target)` in place and carry `optimizer` and `buffers` along.
 
     `inputs` are the submodule's inputs on recent real observations; `behaviour()` runs the whole policy on a
     recent segment and returns (logits, values), compared before and after. `random_ablation` keeps random
-    units at the plan's widths, `scratch` also re-initialises them with fresh optimizer state. On any failure
+    units at the plan's widths, `scratch` also re-initialises them with fresh optimizer state. `after_rewrite(plan)`
+    updates what the policy keeps beside its parameters (size attributes, copies of weights). On any failure
     the policy, the optimizer and the buffers are exactly as before and the error propagates."""
     start = time.perf_counter()
     module = policy.get_submodule(target)
@@ -106,6 +108,8 @@ def collapse_live(
             remap_optimizer(optimizer, module, plan, reset=reset)
             for buffer in buffers:
                 buffer.holder[buffer.key] = _remap_buffer(plan, buffer, recurrent_state == "reset")
+            if after_rewrite is not None:
+                after_rewrite(plan)
             with torch.no_grad():
                 change = behaviour_change(before, behaviour())
             if not all(math.isfinite(value) for value in change.values()):

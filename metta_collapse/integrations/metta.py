@@ -10,6 +10,8 @@ import functools
 import importlib.util
 import logging
 import operator
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -18,6 +20,7 @@ from torch import fx, nn
 
 import metta_collapse as mc
 from metta_collapse.live import collapse_live
+from metta_collapse.rewrite import map_collapsed, map_selected
 
 Era = Literal["current", "september"]
 # set on the agent after a collapse; September checkpoints pickle the agent, so a resumed run sees it
@@ -78,23 +81,42 @@ def engine_config(section: BaseModel) -> mc.CollapseConfig:
     return mc.CollapseConfig(thresholds=mc.Thresholds(**section.thresholds.model_dump()), metric=section.metric)
 
 
-# ----- layer chains of Metta's `fast` policy
+# ----- Metta's `fast` policies: layer chains, entries, and what each keeps beside its parameters
+
+
+def _encoder_steps(layer: Callable[[str], str]) -> list[S]:
+    """box -> cnn1 -> cnn2 -> flatten -> fc1 -> encoded_obs, a ReLU after each: the same in every `fast`."""
+    return [
+        S(layer("cnn1"), ("box",)),
+        S(torch.relu, name="x1"),
+        S(layer("cnn2"), ("x1",)),
+        S(torch.relu, name="x2"),
+        S(torch.flatten, ("x2", 1), name="flat"),
+        S(layer("fc1"), ("flat",)),
+        S(torch.relu, name="x3"),
+        S(layer("encoded_obs"), ("x3",)),
+        S(torch.relu, name="encoded"),
+    ]
+
+
+def _lstm_steps(lstm: str) -> list[S]:
+    """One step of a sequence-first LSTM from the given state (h, c)."""
+    return [
+        S(torch.unsqueeze, ("encoded", 0), name="seq"),
+        S(lstm, ("seq", ("h", "c")), name="l"),
+        S(operator.getitem, ("l", 0), name="o"),
+        S(operator.getitem, ("l", 1), name="s"),
+        S(operator.getitem, ("s", 0), name="h_n"),
+        S(operator.getitem, ("s", 1), name="c_n"),
+        S(torch.squeeze, ("o", 0), name="hidden"),
+    ]
 
 
 def current_fast_chain(root: nn.Module) -> fx.GraphModule:
     """`FastPolicy` (a8d1ece, agent/src/metta/agent/policies/fast.py): the CNN encoder from the normalised box,
-    and the heads from the Cortex core's output. The core itself is not described, so its input and output
-    keep their width (its stack of blocks is Cortex's, not a plain LSTM)."""
-    steps = [
-        S("cnn_encoder.cnn1", ("box",)),
-        S(torch.relu, name="x1"),
-        S("cnn_encoder.cnn2", ("x1",)),
-        S(torch.relu, name="x2"),
-        S(torch.flatten, ("x2", 1), name="flat"),
-        S("cnn_encoder.fc1", ("flat",)),
-        S(torch.relu, name="x3"),
-        S("cnn_encoder.encoded_obs", ("x3",)),
-        S(torch.relu, name="encoded"),
+    and the heads from the Cortex core's output. The core keeps its width: Cortex's LSTM cell takes its input
+    at its own hidden size (`d_hidden`), so no architecture spec could hold a core shrunk on one side."""
+    steps = _encoder_steps(lambda name: f"cnn_encoder.{name}") + [
         S("actor_1.module", ("core",)),
         S(torch.relu, name="actor"),
         S("actor_logits.module", ("actor",), name="logits"),
@@ -106,27 +128,30 @@ def current_fast_chain(root: nn.Module) -> fx.GraphModule:
     return mc.chain_graph(root, ["box", "core"], steps, ["logits", "value", "h_value", "encoded"])
 
 
-def september_fast_chain(root: nn.Module) -> fx.GraphModule:
-    """`pytorch/fast` (b712df1, agent/src/metta/agent/pytorch/fast.py) on one step from the given state: the
-    normalised box, the encoder, the sequence-first 2-layer LSTM, the critic and actor_1. actor_1 feeds the
-    bilinear action head (actor_W is 3-d, which the engine does not rewrite), so it keeps its width."""
-    steps = [
-        S("policy.cnn1", ("box",)),
-        S(torch.relu, name="x1"),
-        S("policy.cnn2", ("x1",)),
-        S(torch.relu, name="x2"),
-        S(torch.flatten, ("x2", 1), name="flat"),
-        S("policy.fc1", ("flat",)),
-        S(torch.relu, name="x3"),
-        S("policy.encoded_obs", ("x3",)),
-        S(torch.relu, name="encoded"),
-        S(torch.unsqueeze, ("encoded", 0), name="seq"),
-        S("lstm", ("seq", ("h", "c")), name="l"),
-        S(operator.getitem, ("l", 0), name="o"),
-        S(operator.getitem, ("l", 1), name="s"),
-        S(operator.getitem, ("s", 0), name="h_n"),
-        S(operator.getitem, ("s", 1), name="c_n"),
-        S(torch.squeeze, ("o", 0), name="hidden"),
+def component_fast_chain(root: nn.Module) -> fx.GraphModule:
+    """`fast` (b712df1, agent/src/metta/agent/component_policies/fast.py; the study's policy): layers under
+    `components`, each weight layer at `_net.0` before its nonlinearity (`_net` without one), the 2-layer LSTM
+    at `_core_._net`. actor_query's W (hidden, embed) is a 2-d contraction, so actor_1 collapses too."""
+    steps = _encoder_steps(lambda name: f"components.{name}._net.0") + _lstm_steps("components._core_._net")
+    steps += [
+        S("components.critic_1._net.0", ("hidden",)),
+        S(torch.tanh, name="critic"),
+        S("components._value_._net", ("critic",), name="value"),
+        S("components.actor_1._net.0", ("hidden",)),
+        S(torch.relu, name="actor"),
+        S("components.actor_query.W", name="W"),
+        S(torch.einsum, ("b h, h e -> b e", "actor", "W")),
+        S(torch.tanh, name="query"),
+    ]
+    return mc.chain_graph(root, ["box", "h", "c"], steps, ["query", "value", "h_n", "c_n"])
+
+
+def pytorch_fast_chain(root: nn.Module) -> fx.GraphModule:
+    """`pytorch/fast` (b712df1, agent/src/metta/agent/pytorch/fast.py): the encoder under `policy`, the 2-layer
+    LSTM of its wrapper, the critic and actor_1. actor_1 feeds the bilinear action head (actor_W is 3-d, which
+    the engine does not rewrite), so it keeps its width."""
+    steps = _encoder_steps(lambda name: f"policy.{name}") + _lstm_steps("lstm")
+    steps += [
         S("policy.critic_1", ("hidden",)),
         S(torch.tanh, name="critic"),
         S("policy.value_head", ("critic",), name="value"),
@@ -136,28 +161,99 @@ def september_fast_chain(root: nn.Module) -> fx.GraphModule:
     return mc.chain_graph(root, ["box", "h", "c"], steps, ["actor", "value", "h_n", "c_n"])
 
 
-CHAINS = {"current": current_fast_chain, "september": september_fast_chain}
-SPECS = {
-    "current": mc.ModelSpec(outputs=["logits", "value", "value", "features"]),
-    "september": mc.ModelSpec(
-        inputs={"h": mc.InputSpec(role="state"), "c": mc.InputSpec(role="state")},
-        outputs=["features", "value", "state", "state"],
+def component_logits(root: nn.Module, query: torch.Tensor) -> torch.Tensor:
+    """The component `fast`'s action logits from its query: scores against the active action embeddings."""
+    embeddings = root.get_submodule("components._action_embeds_")
+    active = embeddings.active_indices
+    keys = embeddings._net(active) if active.numel() else embeddings._net.weight
+    return query @ keys.T + root.get_submodule("components._action_").bias
+
+
+def pytorch_logits(root: nn.Module, actor: torch.Tensor) -> torch.Tensor:
+    """`pytorch/fast`'s action logits from actor_1's features: its bilinear head (one output, K = 1)."""
+    policy = root.get_submodule("policy")
+    keys = policy.action_embeddings.weight[: policy.num_active_actions]
+    query = torch.tanh(torch.einsum("n h, k h e -> n k e", actor, policy.actor_W))[:, 0]
+    return query @ keys.T + policy.actor_bias
+
+
+def sync_param_layers(root: nn.Module, plan: mc.CollapsePlan) -> None:
+    """Component layers keep `weight_net` (their weight layer, outside the module tree) and `initial_weights`
+    (the L2-init anchor, a copy of the initial weights): point the first at the new layer, map the second
+    like the weight it anchors."""
+    for name, layer in root.named_modules():
+        if "weight_net" not in vars(layer):
+            continue
+        net = layer._net[0] if isinstance(layer._net, nn.Sequential) else layer._net
+        vars(layer)["weight_net"] = net
+        weight = plan.params.get(f"{name}._net{'.0' if net is not layer._net else ''}.weight")
+        if weight is not None and getattr(layer, "initial_weights", None) is not None:
+            anchor = layer.initial_weights
+            layer.initial_weights = (
+                map_selected(anchor, weight.axes, plan.kept)
+                if plan.kept is not None
+                else map_collapsed(anchor, weight.axes, "weight")
+            )
+
+
+@dataclass(frozen=True)
+class FastLayout:
+    """One of Metta's `fast` policies as the adapter sees it."""
+
+    name: str  # as Metta's configuration selects it
+    era: Era
+    chain: Callable[[nn.Module], fx.GraphModule]
+    spec: mc.ModelSpec
+    entries: dict[str, str]  # chain input -> the layer it enters, read during the trainer's own forward passes
+    lstm: str | None = None  # the recurrent layer; its parent keeps hidden_size, num_layers and the memory
+    logits: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None  # from the chain's first output
+    after_rewrite: Callable[[nn.Module, mc.CollapsePlan], None] | None = None
+
+
+SEPTEMBER_SPEC = mc.ModelSpec(
+    inputs={"h": mc.InputSpec(role="state"), "c": mc.InputSpec(role="state")},
+    outputs=["features", "value", "state", "state"],
+)
+LAYOUTS = [
+    FastLayout(
+        "fast (FastConfig)",
+        "current",
+        current_fast_chain,
+        mc.ModelSpec(outputs=["logits", "value", "value", "features"]),
+        {"box": "cnn_encoder.cnn1", "core": "actor_1.module"},
     ),
-}
-# where the chain's inputs are read from the trainer's own forward passes: input name -> layer it enters
-ENTRIES = {
-    "current": {"box": "cnn_encoder.cnn1", "core": "actor_1.module"},
-    "september": {"box": "policy.cnn1"},
-}
+    FastLayout(
+        "fast (policy_architecture.name=fast)",
+        "september",
+        component_fast_chain,
+        SEPTEMBER_SPEC,
+        {"box": "components.cnn1._net.0"},
+        lstm="components._core_._net",
+        logits=component_logits,
+        after_rewrite=sync_param_layers,
+    ),
+    FastLayout(
+        "pytorch/fast (policy_architecture.name=pytorch/fast)",
+        "september",
+        pytorch_fast_chain,
+        SEPTEMBER_SPEC,
+        {"box": "policy.cnn1"},
+        lstm="lstm",
+        logits=pytorch_logits,
+    ),
+]
 
 
-def find_fast(agent: nn.Module, era: Era) -> str:
-    """Qualified name of the `fast` policy inside Metta's agent ('' when the agent is it)."""
+def find_fast(agent: nn.Module, era: Era) -> tuple[str, FastLayout]:
+    """Qualified name of the `fast` policy inside Metta's agent ('' when the agent is it), and its layout."""
+    layouts = [layout for layout in LAYOUTS if layout.era == era]
     for name, module in agent.named_modules():
-        if all(_has(module, path) for path in ENTRIES[era].values()) and (era == "current" or _has(module, "lstm")):
-            return name
-    policy = "pytorch/fast (policy_architecture.name=pytorch/fast)" if era == "september" else "fast (FastConfig)"
-    raise mc.CollapseError(f"the agent ({type(agent).__name__}) holds no {policy} policy, the one the adapter knows")
+        for layout in layouts:
+            paths = [*layout.entries.values(), *([layout.lstm] if layout.lstm else [])]
+            if all(_has(module, path) for path in paths):
+                return name, layout
+    known = " or ".join(layout.name for layout in layouts)
+    raise mc.CollapseError(f"the agent ({type(agent).__name__}) holds no {known} policy, the ones the adapter knows")
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -190,13 +286,13 @@ class RecentInputs:
         self.handles = []
 
 
-def _chain_inputs(era: Era, chain: fx.GraphModule, recent: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    box = recent["box"].clone()
-    if era == "current":
-        return box, recent["core"].clone()
-    lstm = chain.get_submodule("lstm")  # zero state at the LSTM's live widths (an nn.LSTM or, split, an LSTMStack)
-    zeros = box.new_zeros(lstm.num_layers, box.shape[0], lstm.hidden_size)
-    return box, zeros, zeros.clone()
+def _chain_inputs(layout: FastLayout, chain: fx.GraphModule, recent: dict[str, torch.Tensor]) -> tuple:
+    inputs = tuple(recent[name].clone() for name in layout.entries)
+    if layout.lstm is None:
+        return inputs
+    lstm = chain.get_submodule(layout.lstm)  # zero state at the LSTM's live widths (an nn.LSTM or an LSTMStack)
+    zeros = inputs[0].new_zeros(lstm.num_layers, inputs[0].shape[0], lstm.hidden_size)
+    return *inputs, zeros, zeros.clone()
 
 
 def collapse_agent(
@@ -209,29 +305,35 @@ def collapse_agent(
     """Collapse Metta's `fast` policy inside `agent` in place, with its optimizer; all or nothing.
 
     `recent` holds the chain's inputs from recent forward passes (`RecentInputs`). The recorded KL is between
-    softmaxes of the chain's first output: the logits (current era) or actor_1's features, which the unchanged
-    action head maps to logits (September)."""
-    prefix = find_fast(agent, era)
+    the action distributions, each policy's own action head applied to the chain's first output."""
+    prefix, layout = find_fast(agent, era)
     root = agent.get_submodule(prefix)
-    chain = CHAINS[era](root)
+    chain = layout.chain(root)
     view = nn.Module()
     view.agent = agent  # collapse_live's transaction then restores every module of the agent on failure
     view.chain = chain
 
+    def after_rewrite(plan: mc.CollapsePlan) -> None:
+        if layout.lstm is not None:
+            # a 2-layer LSTM split into a stack is replaced in the chain only: install it in the policy
+            lstm = chain.get_submodule(layout.lstm)
+            parent_name, _, attribute = layout.lstm.rpartition(".")
+            wrapper = root.get_submodule(parent_name)
+            setattr(wrapper, attribute, lstm)
+            wrapper.hidden_size, wrapper.num_layers = lstm.hidden_size, lstm.num_layers
+            wrapper.reset_memory()  # per-environment states have the old widths
+        if layout.after_rewrite is not None:
+            layout.after_rewrite(root, plan)
+
     def behaviour() -> tuple[torch.Tensor, torch.Tensor]:
-        if era == "september":
-            # the chain's leaves are the agent's, but a 2-layer LSTM split into a stack is replaced in the chain
-            # only; install it here, inside the transaction, so a failure undoes this too
-            root.lstm = chain.get_submodule("lstm")
-            root.hidden_size, root.num_layers = root.lstm.hidden_size, root.lstm.num_layers
-        outputs = chain(*_chain_inputs(era, chain, recent))
-        return outputs[0], outputs[1]
+        outputs = chain(*_chain_inputs(layout, chain, recent))
+        return (outputs[0] if layout.logits is None else layout.logits(root, outputs[0])), outputs[1]
 
     _, record = collapse_live(
         view,
         "chain",
-        _chain_inputs(era, chain, recent),
-        SPECS[era],
+        _chain_inputs(layout, chain, recent),
+        layout.spec,
         engine_config(section),
         optimizer,
         [],
@@ -239,9 +341,8 @@ def collapse_agent(
         section.mode,
         section.seed,
         section.optimizer_state,
+        after_rewrite=after_rewrite,
     )
-    if era == "september":
-        root.reset_memory()  # per-environment states have the old widths
     return record
 
 
@@ -266,8 +367,8 @@ class CollapseHook:
 
     def watch(self, agent: nn.Module) -> None:
         if self.recent is None and self.pending(agent):
-            root = agent.get_submodule(find_fast(agent, self.era))
-            self.recent = RecentInputs(root, ENTRIES[self.era], self.latest)
+            prefix, layout = find_fast(agent, self.era)
+            self.recent = RecentInputs(agent.get_submodule(prefix), layout.entries, self.latest)
 
     def unwatch(self) -> None:
         if self.recent is not None:
@@ -278,7 +379,7 @@ class CollapseHook:
         if not self.pending(agent) or epoch < self.section.epoch_idx:
             return None
         recent = self.latest
-        if set(recent) != set(ENTRIES[self.era]):
+        if set(recent) != set(find_fast(agent, self.era)[1].entries):
             log.warning("collapse due at epoch %d waits for the policy's first forward pass", epoch)
             return None
         try:
@@ -327,21 +428,56 @@ def metrics(record: dict) -> dict[str, float]:
 # ----- Metta's classes, built on first use (the base classes are parameters so tests can stand in for them)
 
 
+def sync_architecture(architecture: BaseModel, root: nn.Module) -> bool:
+    """Write the live `FastPolicy`'s widths into its `FastConfig`: Metta's checkpoints store that config
+    (`to_spec`) and rebuild the policy from it before loading the weights strictly. True if a width changed."""
+    encoder = architecture.cnn_encoder_config
+    sizes = {"cnn1": "out_channels", "cnn2": "out_channels", "fc1": "out_features", "encoded_obs": "out_features"}
+    layers = {
+        f"{name}_cfg": {**getattr(encoder, f"{name}_cfg"), size: getattr(root.cnn_encoder.get_submodule(name), size)}
+        for name, size in sizes.items()
+    }
+    heads = {
+        "actor_hidden_dim": root.get_submodule("actor_1.module").out_features,
+        "critic_hidden_dim": root.get_submodule("critic_1.module").out_features,
+    }
+    before = architecture.model_dump()
+    architecture.cnn_encoder_config = encoder.model_copy(update=layers)
+    for name, width in heads.items():
+        setattr(architecture, name, width)
+    return architecture.model_dump() != before
+
+
 def component_class(base: type) -> type:
-    """Current era: a `TrainerComponent` collapsing at `on_epoch_end(epoch)` once epoch >= epoch_idx."""
+    """Current era: a `TrainerComponent` collapsing at `on_epoch_end(epoch)` once epoch >= epoch_idx, and
+    keeping `architecture` (the train tool's `policy_architecture`, which Metta's checkpointer serialises) at
+    the live policy's widths — after a collapse, and on a resumed run whose checkpoint was collapsed."""
 
     class CollapseComponent(base):
-        def __init__(self, hook: CollapseHook):
+        def __init__(self, hook: CollapseHook, architecture: BaseModel | None = None):
             super().__init__(epoch_interval=1)
             self.hook = hook
+            self.architecture = architecture
 
         def register(self, context: Any) -> None:
             super().register(context)
-            self.hook.watch(context.policy)
+            if self.hook.section.enabled:
+                if self.sync() and self.hook.pending(context.policy):
+                    # narrower than the recipe's architecture: resumed from this run's collapsed checkpoint
+                    setattr(context.policy, MARKER, {"loaded_collapsed": True})
+                    log.warning("the policy was loaded narrower than the recipe's architecture: no second collapse")
+                self.hook.watch(context.policy)
 
         def on_epoch_end(self, epoch: int) -> None:
             context = self.context
-            self.hook.maybe_collapse(context.policy, context.optimizer, epoch, context.agent_step)
+            if self.hook.maybe_collapse(context.policy, context.optimizer, epoch, context.agent_step) is not None:
+                self.sync()
+
+        def sync(self) -> bool:
+            if self.architecture is None:
+                return False
+            prefix, _ = find_fast(self.context.policy, "current")
+            return sync_architecture(self.architecture, self.context.policy.get_submodule(prefix))
 
     return CollapseComponent
 
@@ -401,7 +537,8 @@ def metta_train_tool_class() -> type:
 
             def _register_components(self, *, trainer: Any, wandb_run: Any = None, **kwargs: Any) -> None:
                 super()._register_components(trainer=trainer, wandb_run=wandb_run, **kwargs)
-                trainer.register(component(CollapseHook(self.collapse, "current", wandb_run)))
+                hook = CollapseHook(self.collapse, "current", wandb_run)
+                trainer.register(component(hook, self.policy_architecture))
 
         return CollapseTrainTool
 
@@ -440,7 +577,8 @@ def metta_train(run: str | None = None) -> Any:
         from experiments.recipes import arena_basic_easy_shaped
 
         base = arena_basic_easy_shaped.train()
-        base.policy_architecture = AgentConfig(name="pytorch/fast")
+        # the study's component `fast` (Metta's default); `policy_architecture.name=pytorch/fast` works too
+        base.policy_architecture = base.policy_architecture or AgentConfig()
     # attribute objects, not model_dump(): typed sub-configs stay typed
     tool = metta_train_tool_class()(**{name: getattr(base, name) for name in type(base).model_fields})
     if run is not None:

@@ -27,13 +27,31 @@ class Holder(nn.Module):
         self.module = module
 
 
+class EncoderConfig(BaseModel):
+    """The fields of Metta's CNNEncoderConfig that set widths."""
+
+    cnn1_cfg: dict = {"out_channels": 64, "kernel_size": 5, "stride": 3}
+    cnn2_cfg: dict = {"out_channels": 64, "kernel_size": 3, "stride": 1}
+    fc1_cfg: dict = {"out_features": 128}
+    encoded_obs_cfg: dict = {"out_features": 128}
+
+
+class FastConfig(BaseModel):
+    """The fields of Metta's FastConfig that set widths; Metta's checkpoint spec is its dump."""
+
+    cnn_encoder_config: EncoderConfig = EncoderConfig()
+    critic_hidden_dim: int = 1024
+    actor_hidden_dim: int = 512
+
+
 class Encoder(nn.Module):
-    def __init__(self, channels: int = 24):
+    def __init__(self, config: EncoderConfig | None = None, channels: int = 24):
         super().__init__()
-        self.cnn1 = nn.Conv2d(channels, 64, 5, stride=3)
-        self.cnn2 = nn.Conv2d(64, 64, 3)
-        self.fc1 = nn.Linear(64, 128)
-        self.encoded_obs = nn.Linear(128, 128)
+        config = config or EncoderConfig()
+        self.cnn1 = nn.Conv2d(channels, **config.cnn1_cfg)
+        self.cnn2 = nn.Conv2d(config.cnn1_cfg["out_channels"], **config.cnn2_cfg)
+        self.fc1 = nn.Linear(config.cnn2_cfg["out_channels"], config.fc1_cfg["out_features"])
+        self.encoded_obs = nn.Linear(config.fc1_cfg["out_features"], config.encoded_obs_cfg["out_features"])
 
     def forward(self, box: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.cnn2(torch.relu(self.cnn1(box))))
@@ -41,17 +59,19 @@ class Encoder(nn.Module):
 
 
 class CurrentFast(nn.Module):
-    """Layer names and shapes of the current `FastPolicy`; its Cortex core stood in for by one LSTM."""
+    """Layer names and shapes of the current `FastPolicy`, built from its config; its Cortex core stood in for
+    by one LSTM."""
 
-    def __init__(self):
+    def __init__(self, config: FastConfig | None = None):
         super().__init__()
-        self.cnn_encoder = Encoder()
+        config = config or FastConfig()
+        self.cnn_encoder = Encoder(config.cnn_encoder_config)
         self.core = nn.LSTM(128, 128, batch_first=True)
-        self.actor_1 = Holder(nn.Linear(128, 512))
-        self.critic_1 = Holder(nn.Linear(128, 1024))
-        self.value_head = Holder(nn.Linear(1024, 1))
-        self.gtd_aux = Holder(nn.Linear(1024, 1))
-        self.actor_logits = Holder(nn.Linear(512, 9))
+        self.actor_1 = Holder(nn.Linear(128, config.actor_hidden_dim))
+        self.critic_1 = Holder(nn.Linear(128, config.critic_hidden_dim))
+        self.value_head = Holder(nn.Linear(config.critic_hidden_dim, 1))
+        self.gtd_aux = Holder(nn.Linear(config.critic_hidden_dim, 1))
+        self.actor_logits = Holder(nn.Linear(config.actor_hidden_dim, 9))
 
     def forward(self, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         core = self.core(self.cnn_encoder(box).unsqueeze(1))[0].squeeze(1)
@@ -68,6 +88,9 @@ class SeptemberPolicy(nn.Module):
         self.value_head = nn.Linear(1024, 1)
         self.actor_1 = nn.Linear(128, 512)
         self.actor_W = nn.Parameter(torch.randn(1, 512, 16) / 20)
+        self.actor_bias = nn.Parameter(torch.randn(1))
+        self.action_embeddings = nn.Embedding(100, 16)
+        self.num_active_actions = 9
 
 
 class SeptemberFast(nn.Module):
@@ -91,7 +114,77 @@ class SeptemberFast(nn.Module):
         x = torch.relu(p.encoded_obs(torch.relu(p.fc1(torch.flatten(x, 1)))))
         hidden = self.lstm(x.unsqueeze(0))[0].squeeze(0)
         query = torch.tanh(torch.relu(p.actor_1(hidden)) @ p.actor_W[0])
-        return query, p.value_head(torch.tanh(p.critic_1(hidden)))
+        logits = query @ p.action_embeddings.weight[: p.num_active_actions].T + p.actor_bias
+        return logits, p.value_head(torch.tanh(p.critic_1(hidden)))
+
+
+class Layer(nn.Module):
+    """A ComponentPolicy layer: its weight layer (and nonlinearity) under `_net`, the weight layer also in
+    `weight_net` outside the module tree, and the L2-init anchor `initial_weights`."""
+
+    def __init__(self, weight: nn.Module, nonlinearity: nn.Module | None = None):
+        super().__init__()
+        self._net = weight if nonlinearity is None else nn.Sequential(weight, nonlinearity)
+        self.__dict__["weight_net"] = weight
+        self.initial_weights = weight.weight.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._net(x)
+
+
+class Core(nn.Module):
+    """The component LSTM layer: `_net` a 2-layer nn.LSTM, per-environment memory, its sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self._net = nn.LSTM(128, 128, num_layers=2)
+        self.hidden_size, self.num_layers = 128, 2
+        self.lstm_h: dict = {0: torch.zeros(2, 4, 128)}
+        self.lstm_c: dict = {0: torch.zeros(2, 4, 128)}
+
+    def reset_memory(self) -> None:
+        self.lstm_h.clear()
+        self.lstm_c.clear()
+
+
+class ActionEmbeds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._net = nn.Embedding(100, 16)
+        self.register_buffer("active_indices", torch.arange(1, 10))
+
+
+class ComponentFast(nn.Module):
+    """Layer names and shapes of September's component `fast` (the study's policy)."""
+
+    def __init__(self):
+        super().__init__()
+        enc = Encoder()
+        self.components = nn.ModuleDict(
+            {
+                "cnn1": Layer(enc.cnn1, nn.ReLU()),
+                "cnn2": Layer(enc.cnn2, nn.ReLU()),
+                "fc1": Layer(enc.fc1, nn.ReLU()),
+                "encoded_obs": Layer(enc.encoded_obs, nn.ReLU()),
+                "_core_": Core(),
+                "critic_1": Layer(nn.Linear(128, 1024), nn.Tanh()),
+                "_value_": Layer(nn.Linear(1024, 1)),
+                "actor_1": Layer(nn.Linear(128, 512), nn.ReLU()),
+                "actor_query": nn.Module(),
+                "_action_embeds_": ActionEmbeds(),
+                "_action_": nn.Module(),
+            }
+        )
+        self.components.actor_query.W = nn.Parameter(torch.randn(512, 16) / 20)
+        self.components._action_.bias = nn.Parameter(torch.randn(1))
+
+    def forward(self, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.components
+        x = c.encoded_obs(c.fc1(torch.flatten(c.cnn2(c.cnn1(box)), 1)))
+        hidden = c._core_._net(x.unsqueeze(0))[0].squeeze(0)
+        query = torch.tanh(torch.einsum("b h, h e -> b e", c.actor_1(hidden), c.actor_query.W))
+        keys = c._action_embeds_._net(c._action_embeds_.active_indices)
+        return query @ keys.T + c._action_.bias, c._value_(c.critic_1(hidden))
 
 
 def plant(model: nn.Module, skip: tuple[str, ...]) -> nn.Module:
@@ -127,7 +220,7 @@ def exact() -> BaseModel:
 
 
 def recent(era: str, model: nn.Module) -> dict[str, torch.Tensor]:
-    inputs = adapter.RecentInputs(model, adapter.ENTRIES[era])
+    inputs = adapter.RecentInputs(model, adapter.find_fast(model, era)[1].entries)
     with torch.no_grad():
         model(BOX)
     inputs.remove()
@@ -182,9 +275,65 @@ def test_september_chain_collapses_and_updates_the_lstm_wrapper():
     assert isinstance(model.lstm, mc.LSTMStack) and [m.hidden_size for m in model.lstm.layers] == [64, 128]
     assert (model.hidden_size, model.num_layers) == (192, 1)
     assert model.lstm_h == {} and model.lstm_c == {}
+    assert record["kl_max"] < 1e-6 and record["value_err"] < 1e-5  # KL of the bilinear head's logits
     after = model(BOX)
     assert torch.allclose(after[0], reference[0], atol=1e-5) and torch.allclose(after[1], reference[1], atol=1e-5)
     assert record["params_after"] < record["params_before"]
+
+
+def test_component_fast_collapses_actor_1_and_keeps_its_layers_consistent():
+    torch.manual_seed(5)
+    model = plant(ComponentFast(), skip=())
+    with torch.no_grad():  # the LSTM's second layer unplanted: the layers get different widths, a stack
+        for name in ("weight_ih_l1", "weight_hh_l1", "bias_ih_l1", "bias_hh_l1"):
+            getattr(model.components._core_._net, name).normal_(0, 0.1)
+    optimizer = adam_with_state(model)
+    reference = model(BOX)
+    record = adapter.collapse_agent(model, optimizer, "september", exact(), recent("september", model))
+    got = widths(record)
+    assert got["components.cnn1._net.0"] == 32 and got["components.fc1._net.0"] == 64
+    assert got["components.actor_1._net.0"] == 256 and got["components.critic_1._net.0"] == 512
+    core = model.components._core_
+    assert isinstance(core._net, mc.LSTMStack) and [m.hidden_size for m in core._net.layers] == [64, 128]
+    assert (core.hidden_size, core.num_layers) == (192, 1) and core.lstm_h == {} and core.lstm_c == {}
+    for name, layer in model.components.items():
+        if "weight_net" in vars(layer):
+            net = layer._net[0] if isinstance(layer._net, nn.Sequential) else layer._net
+            assert layer.weight_net is net and layer.initial_weights.shape == net.weight.shape, name
+    assert record["kl_max"] < 1e-6 and record["value_err"] < 1e-5  # KL of the real action logits
+    after = model(BOX)
+    assert torch.allclose(after[0], reference[0], atol=1e-5) and torch.allclose(after[1], reference[1], atol=1e-5)
+    sum(output.square().sum() for output in model(BOX)).backward()
+    optimizer.step()  # training goes on with the remapped state
+
+
+def test_current_checkpoint_reloads_from_the_synced_architecture_and_never_collapses_twice():
+    torch.manual_seed(6)
+    config = FastConfig()
+    policy = plant(CurrentFast(config), skip=("core",))
+    context = SimpleNamespace(policy=policy, optimizer=adam_with_state(policy), epoch=0, agent_step=0)
+    section = SECTION(epoch_idx=1, metric="exact")
+    component = adapter.component_class(StandInComponentBase)(adapter.CollapseHook(section, "current"), config)
+    component.register(context)
+    assert config == FastConfig()  # nothing to write before the collapse
+    policy(BOX)
+    component.on_epoch_end(1)
+    assert config.actor_hidden_dim == 256 and config.critic_hidden_dim == 512
+    assert config.cnn_encoder_config.cnn1_cfg == {"out_channels": 32, "kernel_size": 5, "stride": 3}
+    assert config.cnn_encoder_config.encoded_obs_cfg == {"out_features": 128}
+    assert FastConfig().actor_hidden_dim == 512 and EncoderConfig().cnn1_cfg["out_channels"] == 64
+    # Metta's checkpoint: the config's dump (its spec) and the weights, loaded strictly into a rebuilt policy
+    reloaded = CurrentFast(FastConfig.model_validate_json(config.model_dump_json()))
+    reloaded.load_state_dict(policy.state_dict(), strict=True)
+    # the resumed run: the recipe's architecture again, the policy from the collapsed checkpoint
+    resumed_config = FastConfig()
+    resumed = adapter.component_class(StandInComponentBase)(adapter.CollapseHook(section, "current"), resumed_config)
+    resumed.register(SimpleNamespace(policy=reloaded, optimizer=adam_with_state(reloaded), epoch=1, agent_step=0))
+    assert resumed_config == config
+    shapes = [p.shape for p in reloaded.parameters()]
+    reloaded(BOX)
+    resumed.on_epoch_end(2)
+    assert [p.shape for p in reloaded.parameters()] == shapes
 
 
 def test_chain_of_the_wrong_policy_is_refused_with_the_supported_one():
