@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import logging
 import operator
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -461,12 +462,16 @@ def component_class(base: type) -> type:
 
         def register(self, context: Any) -> None:
             super().register(context)
-            if self.hook.section.enabled:
-                if self.sync() and self.hook.pending(context.policy):
-                    # narrower than the recipe's architecture: resumed from this run's collapsed checkpoint
-                    setattr(context.policy, MARKER, {"loaded_collapsed": True})
-                    log.warning("the policy was loaded narrower than the recipe's architecture: no second collapse")
-                self.hook.watch(context.policy)
+            try:
+                loaded_collapsed = self.sync()
+            except mc.CollapseError:
+                if self.hook.section.enabled:
+                    raise
+                return  # not a `fast` policy, and no collapse asked for
+            if loaded_collapsed and self.hook.pending(context.policy):
+                setattr(context.policy, MARKER, {"loaded_collapsed": True})
+                log.warning("the policy was loaded narrower than the recipe's architecture: no second collapse")
+            self.hook.watch(context.policy)
 
         def on_epoch_end(self, epoch: int) -> None:
             context = self.context
@@ -512,9 +517,19 @@ def loss_class(base: type) -> type:
     return CollapseLoss
 
 
-def _refuse_compile(tool: Any) -> None:
-    if tool.collapse.enabled and getattr(tool.trainer, "compile", False):
+def refuse_unsupported(tool: Any) -> None:
+    """Before training: settings under which an in-place change of parameter shapes would break Metta's run."""
+    if not tool.collapse.enabled:
+        return
+    if getattr(tool.trainer, "compile", False):
         raise ValueError("trainer.compile=true is not supported with collapse.enabled: shapes change mid-training")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ValueError(
+            f"collapse.enabled with {world} processes (WORLD_SIZE): DistributedDataParallel keeps the old parameters, "
+            "so the collapse runs single-process only: train past epoch_idx in one process, then resume "
+            "distributed with collapse.enabled=false (the checkpoint carries the collapsed widths)"
+        )
 
 
 @functools.cache
@@ -532,7 +547,7 @@ def metta_train_tool_class() -> type:
             collapse: section = Field(default_factory=section)
 
             def invoke(self, *args: Any) -> int | None:
-                _refuse_compile(self)
+                refuse_unsupported(self)
                 return super().invoke(*args)
 
             def _register_components(self, *, trainer: Any, wandb_run: Any = None, **kwargs: Any) -> None:
@@ -557,7 +572,7 @@ def metta_train_tool_class() -> type:
         collapse: section = Field(default_factory=section)
 
         def invoke(self, *args: Any) -> int | None:
-            _refuse_compile(self)
+            refuse_unsupported(self)
             self.trainer.losses.loss_configs["collapse"] = CollapseLossConfig(section=self.collapse)
             return super().invoke(*args)
 

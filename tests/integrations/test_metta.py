@@ -402,6 +402,31 @@ def test_component_collapses_once_at_epoch_idx_and_logs_the_record():
     assert len(logged) == 1 and not policy.cnn_encoder.cnn1._forward_pre_hooks
 
 
+def test_component_refuses_an_unknown_policy_at_registration_only_when_collapsing():
+    other = nn.Sequential(nn.Linear(4, 4))
+    context = SimpleNamespace(policy=other, optimizer=None, epoch=0, agent_step=0)
+    for enabled in (False, True):
+        hook = adapter.CollapseHook(SECTION(enabled=enabled), "current")
+        component = adapter.component_class(StandInComponentBase)(hook, FastConfig())
+        if enabled:
+            with pytest.raises(mc.CollapseError, match="holds no fast"):
+                component.register(context)
+        else:
+            component.register(context)
+
+
+def test_settings_that_break_an_in_place_collapse_are_refused_before_training(monkeypatch: pytest.MonkeyPatch):
+    tool = SimpleNamespace(collapse=SECTION(), trainer=SimpleNamespace(compile=True))
+    with pytest.raises(ValueError, match="trainer.compile"):
+        adapter.refuse_unsupported(tool)
+    tool.trainer.compile = False
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ValueError, match="8 processes.*collapse.enabled=false"):
+        adapter.refuse_unsupported(tool)
+    tool.collapse.enabled = False
+    adapter.refuse_unsupported(tool)
+
+
 class StandInLossBase:
     """What the loss uses of September's BaseLoss."""
 
