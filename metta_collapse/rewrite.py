@@ -4,6 +4,7 @@ Every map works one axis at a time. With S the 0/1 fiber membership and s the fi
   weights        "out" axis: mean over the fiber (D⁻¹Sᵀ W)      "in" axis: sum over the fiber (W S)
   exp_avg (= Eᵀ) "out" axis: sum                              "in" axis: mean
   exp_avg_sq     "out" axis: s² · mean                        "in" axis: mean
+  z              like the weights: schedule-free optimizers keep an iterate in parameter space
 A random ablation index-selects the kept units on every axis instead, weights and state alike."""
 
 import contextlib
@@ -19,8 +20,16 @@ from metta_collapse.errors import CollapseError
 from metta_collapse.plan import AxisMap, CollapsePlan, Space, StateMap
 
 Quantity = Literal["weight", "first_moment", "second_moment"]
-FIRST_MOMENTS = {"exp_avg", "momentum_buffer"}
-SECOND_MOMENTS = {"exp_avg_sq", "max_exp_avg_sq"}
+# optimizer state by name (a trailing _<n> dropped): torch's Adam/AdamW/SGD, schedulefree's AdamW/SGD (z),
+# heavyball's Muon (nesterov_ema_momentum_1, nested one level under its group index)
+STATE_QUANTITIES: dict[str, Quantity] = {
+    "exp_avg": "first_moment",
+    "momentum_buffer": "first_moment",
+    "nesterov_ema_momentum": "first_moment",
+    "exp_avg_sq": "second_moment",
+    "max_exp_avg_sq": "second_moment",
+    "z": "weight",
+}
 
 
 class LSTMStack(nn.Module):
@@ -240,21 +249,7 @@ def _remap(
         if not isinstance(old, nn.Parameter):
             continue
         new = model.get_parameter(new_name)
-        state = {} if reset else optimizer.state.get(old, {})
-        mapped = {}
-        for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or value.shape != old.shape or value.ndim == 0:
-                mapped[key] = value  # step counters and other scalars are copied
-            elif kept is not None:
-                mapped[key] = map_selected(value, by_name[name].axes, kept)
-            elif key in FIRST_MOMENTS or key in SECOND_MOMENTS:
-                quantity = "first_moment" if key in FIRST_MOMENTS else "second_moment"
-                mapped[key] = map_collapsed(value, by_name[name].axes, quantity)
-            else:
-                raise CollapseError(
-                    f"optimizer state '{key}' of '{name}' has no known collapse map "
-                    f"(supported: {sorted(FIRST_MOMENTS | SECOND_MOMENTS)})"
-                )
+        mapped = {} if reset else _map_state(optimizer.state.get(old, {}), name, old, by_name[name].axes, kept)
         updates[old] = (new, mapped)
     for group in optimizer.param_groups:
         group["params"] = [updates[p][0] if p in updates else p for p in group["params"]]
@@ -262,6 +257,25 @@ def _remap(
         if old in optimizer.state:
             del optimizer.state[old]
             optimizer.state[new] = mapped
+
+
+def _map_state(state: dict, name: str, old: torch.Tensor, axes: list[AxisMap], kept: dict | None) -> dict:
+    mapped = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            mapped[key] = _map_state(value, name, old, axes, kept)
+        elif not isinstance(value, torch.Tensor) or value.shape != old.shape or value.ndim == 0:
+            mapped[key] = value  # step counters and other scalars are copied
+        elif kept is not None:
+            mapped[key] = map_selected(value, axes, kept)
+        elif (quantity := STATE_QUANTITIES.get(str(key).rstrip("0123456789").removesuffix("_"))) is not None:
+            mapped[key] = map_collapsed(value, axes, quantity)
+        else:
+            raise CollapseError(
+                f"optimizer state '{key}' of '{name}' has no known collapse map (supported: "
+                f"{sorted(STATE_QUANTITIES)}); collapse.optimizer_state=reset starts the optimizer afresh"
+            )
+    return mapped
 
 
 @contextlib.contextmanager

@@ -132,3 +132,68 @@ def test_remap_optimizer_as_a_separate_call():
     mc.collapse(big, plan)
     mc.remap_optimizer(optimizer, big, plan)
     assert optimizer.state[big[0].weight]["exp_avg"].shape == big[0].weight.shape
+
+
+def test_schedule_free_iterate_maps_like_the_weights_so_the_averaged_policy_keeps_its_function():
+    """Metta's default optimizer: the parameters hold y, the state holds z, evaluation uses x = lerp(y, z)."""
+    import schedulefree
+
+    _, big, _ = planted_mlp(0, equal=True)
+    optimizer = schedulefree.AdamWScheduleFree(big.parameters(), lr=1e-2)
+    optimizer.train()
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(big(x), y).backward()
+        optimizer.step()
+    optimizer.eval()
+    averaged = big(x).detach()
+    optimizer.train()
+    plan = mc.analyze(big, x, EXACT)
+    mc.collapse(big, plan, optimizer)
+    assert plan.params_after < plan.params_before
+    assert all(optimizer.state[p]["z"].shape == p.shape for p in big.parameters())
+    optimizer.eval()
+    assert relative_error(big(x), averaged) < 1e-5
+    optimizer.train()
+    torch.nn.functional.mse_loss(big(x), y).backward()
+    optimizer.step()
+    assert torch.isfinite(big(x)).all()
+
+
+class NestedMomentum(torch.optim.Optimizer):
+    """State laid out like heavyball's Muon (Metta's `muon`): {group index: {"nesterov_ema_momentum_1", "step"}}."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 1e-3})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                inner = self.state[p].setdefault(0, {"step": 0, "nesterov_ema_momentum_1": torch.zeros_like(p)})
+                inner["nesterov_ema_momentum_1"].lerp_(p.grad, 0.1)
+                inner["step"] += 1
+                p.sub_(inner["nesterov_ema_momentum_1"], alpha=group["lr"])
+
+
+def test_nested_momentum_state_is_mapped_as_a_first_moment():
+    _, big, _ = planted_mlp(0, equal=True)
+    optimizer = NestedMomentum(big.parameters())
+    x = torch.randn(32, 6)
+    big(x).square().sum().backward()
+    optimizer.step()
+    momentum = optimizer.state[big[2].weight][0]["nesterov_ema_momentum_1"].clone()
+    plan = mc.analyze(big, x, EXACT)
+    mc.collapse(big, plan, optimizer)
+    s1, s2 = one_hot(plan.layers[0].partition).float(), one_hot(plan.layers[1].partition).float()
+    inner = optimizer.state[big[2].weight][0]
+    assert relative_error(inner["nesterov_ema_momentum_1"], s2.T @ momentum @ s1 / s1.sum(0)) < 1e-6
+    assert inner["step"] == 1
+
+
+def test_unknown_optimizer_state_is_refused_naming_it_and_the_way_out():
+    big, optimizer, x, _ = trained()
+    optimizer.state[big[0].weight]["mystery"] = torch.zeros_like(big[0].weight)
+    with pytest.raises(mc.CollapseError, match="'mystery' of '0.weight'.*optimizer_state=reset"):
+        mc.collapse(big, mc.analyze(big, x, EXACT), optimizer)

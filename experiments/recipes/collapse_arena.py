@@ -38,8 +38,8 @@ if RUNTIME == "embedded":
 else:
     from metta_collapse.integrations.metta import metta_sweep, metta_train
 
-    def train(run: str | None = None):  # noqa: ANN201 - Metta's TrainTool subclass, built on first use
-        return metta_train(run)
+    def train():  # noqa: ANN201 - Metta's TrainTool subclass, built on first use; `run=` goes to its invoke
+        return metta_train()
 
     def evaluate_in_sweep(policy_uri: str):  # noqa: ANN201
         from recipes.prod import arena_basic_easy_shaped

@@ -579,13 +579,20 @@ def metta_train_tool_class() -> type:
     return CollapseTrainTool
 
 
-def metta_train(run: str | None = None) -> Any:
-    """Metta's `arena_basic_easy_shaped` train tool with the `fast` policy, plus the `collapse` section."""
+def metta_train() -> Any:
+    """Metta's `arena_basic_easy_shaped` train tool with the `fast` policy, plus the `collapse` section. The run
+    name comes as Metta's `run=` argument, which Metta's train tool takes itself."""
     if detect_era() == "current":
         from metta.agent.policies.fast import FastConfig
         from recipes.prod import arena_basic_easy_shaped
 
-        base = arena_basic_easy_shaped.train(policy_architecture=FastConfig())
+        architecture = FastConfig()
+        # a8d1ece's FastPolicy leaves the Cortex replay keys (row_id, t_in_row) out of its experience spec, so
+        # training with stored core states fails at the first minibatch (KeyError in cortex.py); start each
+        # training segment from zero state instead, as PufferLib does
+        core = architecture.cortex_core_config.model_copy(update={"pass_state_during_training": False})
+        architecture.cortex_core_config = core
+        base = arena_basic_easy_shaped.train(policy_architecture=architecture)
     else:
         from metta.agent.agent_config import AgentConfig
 
@@ -595,10 +602,7 @@ def metta_train(run: str | None = None) -> Any:
         # the study's component `fast` (Metta's default); `policy_architecture.name=pytorch/fast` works too
         base.policy_architecture = base.policy_architecture or AgentConfig()
     # attribute objects, not model_dump(): typed sub-configs stay typed
-    tool = metta_train_tool_class()(**{name: getattr(base, name) for name in type(base).model_fields})
-    if run is not None:
-        tool.run = run
-    return tool
+    return metta_train_tool_class()(**{name: getattr(base, name) for name in type(base).model_fields})
 
 
 SWEEP_CENTERS = {"linear": 0.7, "cnn": 0.5, "lstm": 1.0, "critic": 0.8}
