@@ -4,7 +4,7 @@
 import sys
 from pathlib import Path
 
-# the repository root holds `experiments/` (never installed) and, when not installed, `metta_collapse/`
+# the repository root holds `experiments/` and `metta_collapse/`, used even when an older copy is installed
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from metta_collapse.training.runner import main  # noqa: E402

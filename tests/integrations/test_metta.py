@@ -631,3 +631,16 @@ def test_inside_metta_a_collapsed_fast_policy_reloads_strictly_from_its_checkpoi
     env_info = PolicyEnvInterface.from_mg_cfg(mettagrid())
     rebuilt = PolicyArchitecture.from_spec(architecture.to_spec()).make_policy(env_info)
     rebuilt.load_state_dict(policy.state_dict(), strict=True)
+
+
+@pytest.mark.skipif(ERA != "current", reason="needs current-era Metta (a8d1ece) importable")
+def test_inside_metta_the_sweep_searches_override_paths_of_the_train_tool():
+    recipe = importlib.import_module("experiments.recipes.collapse_arena")
+    sweep = recipe.sweep("cs1")
+    assert (sweep.recipe_module, sweep.train_entrypoint) == ("experiments.recipes.collapse_arena", "train")
+    thresholds = {f"collapse.thresholds.{kind}" for kind in adapter.SWEEP_CENTERS}
+    assert set(sweep.search_space) == thresholds | {"collapse.epoch_idx"}
+    tool = recipe.train()
+    for path, parameter in sweep.search_space.items():  # what a trial does: `./tools/run.py ... path=value`
+        tool.override(path, int(parameter.max) if path.endswith("epoch_idx") else parameter.max)
+    assert set(tool.collapse.thresholds.model_dump().values()) == {2.0} and tool.collapse.epoch_idx == 1000
