@@ -608,6 +608,9 @@ def test_inside_metta_the_recipe_builds_metta_train_tool_with_the_section():
         tool.override(path, value)
     assert tool.collapse.epoch_idx == 300 and tool.collapse.thresholds.lstm == 1.5
     assert recipe.RUNTIME == ERA
+    if ERA == "current":  # the baseline at the same path: the same Metta recipe, never collapsed
+        baseline = importlib.import_module("experiments.recipes.arena_basic_easy_shaped").train()
+        assert not baseline.collapse.enabled and type(baseline.policy_architecture) is type(tool.policy_architecture)
 
 
 @pytest.mark.skipif(ERA != "current", reason="needs current-era Metta (a8d1ece) importable")
