@@ -490,7 +490,7 @@ def component_class(base: type) -> type:
 def loss_class(base: type) -> type:
     """September era: a `BaseLoss` collapsing in `on_new_training_run` once `trainer_state.epoch >= epoch_idx`
     (the epoch advances by update_epochs); its inputs are watched during rollouts only, so the hooks are never
-    pickled with a checkpointed agent."""
+    pickled with a checkpointed agent. A failed collapse is logged and counted (`losses/collapse_failed`)."""
 
     class CollapseLoss(base):
         def __init__(self, policy: nn.Module, trainer_cfg: Any, vec_env: Any, device: Any, *args: Any):
@@ -499,9 +499,13 @@ def loss_class(base: type) -> type:
 
         def on_new_training_run(self, trainer_state: Any) -> None:
             super().on_new_training_run(trainer_state)
-            record = self.hook.maybe_collapse(
-                self.policy, trainer_state.optimizer, trainer_state.epoch, trainer_state.agent_step
-            )
+            try:
+                record = self.hook.maybe_collapse(
+                    self.policy, trainer_state.optimizer, trainer_state.epoch, trainer_state.agent_step
+                )
+            except CollapseFailed:  # logged; September's trainer would die of it, so training goes on uncollapsed
+                self.loss_tracker["collapse_failed"].append(1.0)
+                return
             if record is not None:
                 for key, value in metrics(record).items():
                     self.loss_tracker[key.replace("/", "_")].append(value)
@@ -537,14 +541,14 @@ def metta_train_tool_class() -> type:
     """Metta's `TrainTool` plus the `collapse` section, for the era found."""
     from metta.tools.train import TrainTool
 
-    section = metta_section_class()
+    section_type = metta_section_class()  # not `section`: a class body's annotation would shadow it
     if detect_era() == "current":
         from metta.rl.training.component import TrainerComponent
 
         component = component_class(TrainerComponent)
 
         class CollapseTrainTool(TrainTool):
-            collapse: section = Field(default_factory=section)
+            collapse: section_type = Field(default_factory=section_type)
 
             def invoke(self, *args: Any) -> int | None:
                 refuse_unsupported(self)
@@ -563,13 +567,13 @@ def metta_train_tool_class() -> type:
     loss = loss_class(BaseLoss)
 
     class CollapseLossConfig(Config):
-        section: section
+        section: section_type
 
         def init_loss(self, policy: nn.Module, trainer_cfg: Any, vec_env: Any, device: Any, *args: Any):
             return loss(policy, trainer_cfg, vec_env, device, *args)
 
     class CollapseTrainTool(TrainTool):
-        collapse: section = Field(default_factory=section)
+        collapse: section_type = Field(default_factory=section_type)
 
         def invoke(self, *args: Any) -> int | None:
             refuse_unsupported(self)

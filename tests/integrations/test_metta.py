@@ -3,6 +3,7 @@ when importable."""
 
 import importlib
 import sys
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -357,7 +358,7 @@ def metta_fast_policy() -> tuple[nn.Module, BaseModel, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize(
-    "where", ["stand-in", pytest.param("metta", marks=pytest.mark.skipif(ERA != "current", reason="no Metta"))]
+    "where", ["stand-in", pytest.param("metta", marks=pytest.mark.skipif(ERA != "current", reason="no current Metta"))]
 )
 def test_failure_in_the_component_leaves_policy_and_optimizer_untouched(
     where: str, monkeypatch: pytest.MonkeyPatch, caplog
@@ -458,7 +459,7 @@ class StandInLossBase:
     """What the loss uses of September's BaseLoss."""
 
     def __init__(self, policy: nn.Module, trainer_cfg: object, vec_env: object, device: object, *args: object):
-        self.policy, self.loss_cfg, self.loss_tracker = policy, args[-1], {}
+        self.policy, self.loss_cfg, self.loss_tracker = policy, args[-1], defaultdict(list)
 
     def on_new_training_run(self, trainer_state: object) -> None:
         pass
@@ -472,14 +473,12 @@ class StandInLossBase:
 
 def test_september_loss_collapses_at_epoch_idx_and_never_twice_after_a_resume():
     import pickle
-    from collections import defaultdict
 
     torch.manual_seed(4)
     agent = plant(SeptemberFast(), skip=())
     optimizer = adam_with_state(agent)
     config = SimpleNamespace(section=SECTION(epoch_idx=4, metric="exact"))
     loss = adapter.loss_class(StandInLossBase)(agent, None, None, "cpu", None, "collapse", config)
-    loss.loss_tracker = defaultdict(list)
     state = SimpleNamespace(epoch=3, agent_step=10, optimizer=optimizer)
     loss.on_new_training_run(state)
     loss.on_rollout_start(state)
@@ -496,6 +495,94 @@ def test_september_loss_collapses_at_epoch_idx_and_never_twice_after_a_resume():
     shapes = [p.shape for p in resumed.parameters()]
     again.on_new_training_run(SimpleNamespace(epoch=8, agent_step=20, optimizer=torch.optim.Adam(resumed.parameters())))
     assert [p.shape for p in resumed.parameters()] == shapes
+
+
+def september_agent(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """b712df1's MettaAgent with the named policy, on the arena recipe's environment, and a box for its input."""
+    from metta.agent.agent_config import AgentConfig
+    from metta.agent.metta_agent import MettaAgent
+    from metta.cogworks.curriculum.curriculum import Curriculum
+    from metta.rl.system_config import SystemConfig
+    from metta.rl.vecenv import make_vecenv
+
+    from experiments.recipes import arena_basic_easy_shaped
+
+    curriculum = Curriculum(arena_basic_easy_shaped.train().trainer.curriculum)
+    vecenv = make_vecenv(curriculum, "serial", num_envs=1, batch_size=1, num_workers=1, is_training=True)
+    vecenv.async_reset(0)
+    env = vecenv.driver_env
+    agent = MettaAgent(env, SystemConfig(device="cpu", vectorization="serial"), AgentConfig(name=name))
+    features = env.get_observation_features()
+    agent.initialize_to_environment(features, env.action_names, env.max_action_args, torch.device("cpu"))
+    prefix, layout = adapter.find_fast(agent, "september")
+    channels = agent.get_submodule(prefix).get_submodule(layout.entries["box"]).in_channels
+    return agent, torch.rand(64, channels, env.obs_height, env.obs_width)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "stand-in",
+        *(
+            pytest.param(name, marks=pytest.mark.skipif(ERA != "september", reason="no September Metta"))
+            for name in ("fast", "pytorch/fast")
+        ),
+    ],
+)
+def test_failure_in_the_september_loss_leaves_agent_and_optimizer_untouched(
+    where: str, monkeypatch: pytest.MonkeyPatch, caplog
+):
+    torch.manual_seed(8)
+    if where == "stand-in":
+        agent, box, base = plant(ComponentFast(), skip=()), BOX, StandInLossBase
+    else:
+        from metta.rl.loss.base_loss import BaseLoss
+
+        (agent, box), base = september_agent(where), BaseLoss
+    optimizer = adam_with_state(agent)
+    config = SimpleNamespace(section=SECTION(epoch_idx=1))
+    loss = adapter.loss_class(base)(agent, None, None, "cpu", None, "collapse", config)
+    loss.hook.latest["box"] = box  # what the loss's hooks keep from a rollout
+    before = snapshot(agent, optimizer)
+    memory = [vars(m).get("lstm_h") for m in agent.modules() if "lstm_h" in vars(m)]
+
+    def broken(*args: object, **kwargs: object) -> None:  # fails after the agent has been rewritten
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr("metta_collapse.live.remap_optimizer", broken)
+    monkeypatch.setattr(adapter.log, "handlers", [caplog.handler])
+    loss.on_new_training_run(SimpleNamespace(epoch=1, agent_step=0, optimizer=optimizer))  # training goes on
+    after = snapshot(agent, optimizer)
+    assert before[2:] == after[2:] and before[0].keys() == after[0].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    for pid, state in before[1].items():
+        assert all(torch.equal(v, after[1][pid][k]) for k, v in state.items())
+    assert [vars(m).get("lstm_h") for m in agent.modules() if "lstm_h" in vars(m)] == memory
+    assert "COLLAPSE FAILED" in caplog.text and loss.loss_tracker["collapse_failed"] == [1.0]
+    assert getattr(agent, adapter.MARKER, None) is None
+
+
+@pytest.mark.skipif(ERA != "september", reason="needs September Metta (b712df1) importable")
+@pytest.mark.parametrize("name", ["fast", "pytorch/fast"])
+def test_inside_september_metta_the_collapsed_agent_is_pickled_with_its_record(name: str, tmp_path: Path):
+    from metta.rl.loss.base_loss import BaseLoss
+
+    torch.manual_seed(9)
+    agent, box = september_agent(name)
+    config = SimpleNamespace(section=SECTION(epoch_idx=1))
+    loss = adapter.loss_class(BaseLoss)(agent, None, None, "cpu", None, "collapse", config)
+    loss.hook.latest["box"] = box
+    loss.on_new_training_run(SimpleNamespace(epoch=1, agent_step=0, optimizer=adam_with_state(agent)))
+    record = getattr(agent, adapter.MARKER)
+    assert record["params_after"] == sum(p.numel() for p in agent.parameters()) < record["params_before"]
+    torch.save(agent, tmp_path / "agent.pt")  # September checkpoints pickle the whole agent
+    loaded = torch.load(tmp_path / "agent.pt", weights_only=False)
+    assert getattr(loaded, adapter.MARKER) == record
+    assert [p.shape for p in loaded.parameters()] == [p.shape for p in agent.parameters()]
+    prefix, layout = adapter.find_fast(loaded, "september")
+    root = loaded.get_submodule(prefix)
+    lstm, wrapper = root.get_submodule(layout.lstm), root.get_submodule(layout.lstm.rpartition(".")[0])
+    assert (wrapper.hidden_size, wrapper.num_layers) == (lstm.hidden_size, lstm.num_layers)
 
 
 # ----- the recipe's override paths and the era
