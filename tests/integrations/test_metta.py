@@ -18,6 +18,8 @@ from metta_collapse.integrations import metta as adapter
 REPO = Path(__file__).resolve().parents[2]
 ERA = adapter.detect_era()
 needs_metta = pytest.mark.skipif(ERA is None, reason="Metta is not importable here (no Metta checkout installed)")
+needs_current = pytest.mark.skipif(ERA != "current", reason="needs current-era Metta (a8d1ece) importable")
+needs_september = pytest.mark.skipif(ERA != "september", reason="needs September Metta (b712df1) importable")
 
 
 class Holder(nn.Module):
@@ -358,7 +360,7 @@ def metta_fast_policy() -> tuple[nn.Module, BaseModel, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize(
-    "where", ["stand-in", pytest.param("metta", marks=pytest.mark.skipif(ERA != "current", reason="no current Metta"))]
+    "where", ["stand-in", pytest.param("metta", marks=needs_current)]
 )
 def test_failure_in_the_component_leaves_policy_and_optimizer_untouched(
     where: str, monkeypatch: pytest.MonkeyPatch, caplog
@@ -524,7 +526,7 @@ def september_agent(name: str) -> tuple[nn.Module, torch.Tensor]:
     [
         "stand-in",
         *(
-            pytest.param(name, marks=pytest.mark.skipif(ERA != "september", reason="no September Metta"))
+            pytest.param(name, marks=needs_september)
             for name in ("fast", "pytorch/fast")
         ),
     ],
@@ -562,7 +564,7 @@ def test_failure_in_the_september_loss_leaves_agent_and_optimizer_untouched(
     assert getattr(agent, adapter.MARKER, None) is None
 
 
-@pytest.mark.skipif(ERA != "september", reason="needs September Metta (b712df1) importable")
+@needs_september
 @pytest.mark.parametrize("name", ["fast", "pytorch/fast"])
 def test_inside_september_metta_the_collapsed_agent_is_pickled_with_its_record(name: str, tmp_path: Path):
     from metta.rl.loss.base_loss import BaseLoss
@@ -692,7 +694,7 @@ def test_inside_metta_the_recipe_builds_metta_train_tool_with_the_section():
         assert not baseline.collapse.enabled and type(baseline.policy_architecture) is type(tool.policy_architecture)
 
 
-@pytest.mark.skipif(ERA != "current", reason="needs current-era Metta (a8d1ece) importable")
+@needs_current
 def test_inside_metta_a_collapsed_fast_policy_reloads_strictly_from_its_checkpoint_spec():
     from metta.agent.policy import PolicyArchitecture
     from metta.rl.training.component import TrainerComponent
@@ -715,7 +717,7 @@ def test_inside_metta_a_collapsed_fast_policy_reloads_strictly_from_its_checkpoi
     rebuilt.load_state_dict(policy.state_dict(), strict=True)
 
 
-@pytest.mark.skipif(ERA != "current", reason="needs current-era Metta (a8d1ece) importable")
+@needs_current
 def test_inside_metta_the_sweep_searches_override_paths_of_the_train_tool():
     recipe = importlib.import_module("experiments.recipes.collapse_arena")
     sweep = recipe.sweep("cs1")
