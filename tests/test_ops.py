@@ -111,24 +111,24 @@ def test_layer_chain_graph_gives_the_traced_plan():
     x = torch.randn(4 * 20, 5)
     states = [torch.zeros(4, big.lstm1.hidden_size)] * 2 + [torch.zeros(4, big.lstm2.hidden_size)] * 2
     S = mc.Step
+
+    def lstm(k: int, source: str) -> list[mc.Step]:  # layer k from state (h{k}, c{k}): outputs o{k}, h{k}n, c{k}n
+        return [
+            S(torch.unsqueeze, (f"h{k}", 0), name=f"h{k}u"),
+            S(torch.unsqueeze, (f"c{k}", 0), name=f"c{k}u"),
+            S(f"lstm{k}", (source, (f"h{k}u", f"c{k}u")), name=f"l{k}"),
+            S(operator.getitem, (f"l{k}", 0), name=f"o{k}"),
+            S(operator.getitem, (f"l{k}", 1), name=f"s{k}"),
+            S(operator.getitem, (f"s{k}", 0), name=f"h{k}n"),
+            S(operator.getitem, (f"s{k}", 1), name=f"c{k}n"),
+        ]
+
     steps = [
         S("enc", ("x",)),
         S(torch.relu, name="e"),
         S(torch.reshape, ("e", (4, -1, big.enc.out_features)), name="z"),
-        S(torch.unsqueeze, ("h1", 0), name="h1u"),
-        S(torch.unsqueeze, ("c1", 0), name="c1u"),
-        S("lstm1", ("z", ("h1u", "c1u")), name="l1"),
-        S(operator.getitem, ("l1", 0), name="o1"),
-        S(operator.getitem, ("l1", 1), name="s1"),
-        S(operator.getitem, ("s1", 0), name="h1n"),
-        S(operator.getitem, ("s1", 1), name="c1n"),
-        S(torch.unsqueeze, ("h2", 0), name="h2u"),
-        S(torch.unsqueeze, ("c2", 0), name="c2u"),
-        S("lstm2", ("o1", ("h2u", "c2u")), name="l2"),
-        S(operator.getitem, ("l2", 0), name="o2"),
-        S(operator.getitem, ("l2", 1), name="s2"),
-        S(operator.getitem, ("s2", 0), name="h2n"),
-        S(operator.getitem, ("s2", 1), name="c2n"),
+        *lstm(1, "z"),
+        *lstm(2, "o1"),
         S(torch.reshape, ("o2", (-1, big.lstm2.hidden_size)), name="flat"),
         S("head", ("flat",), name="logits"),
     ]
