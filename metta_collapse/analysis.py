@@ -290,10 +290,16 @@ class _Analysis:
             self.bindings: list[_Binding] = []
             self.links: list[tuple[Units, Units]] = []
             self.warnings: list[str] = []
-            _ColorPass(self).run(*inputs)
+            self.sources: dict[str, tuple] = {}
+            color_pass = _ColorPass(self)
+            color_pass.run(*inputs)
             stable = all(count(p) == count(self.previous.get(k, np.zeros(0))) for k, p in self.current.items())
             self.previous = self.current
             if stable and not self.changed:
+                for node, meta in color_pass.meta.items():  # a layer's activations: the last tensor in its units
+                    key = meta.space.key if isinstance(meta, Colored) and isinstance(meta.space, Units) else None
+                    if key is not None and self.sources.get(key, ("node",))[0] == "node":
+                        self.sources[key] = ("node", node.name, meta.axis)
                 return self.plan()
         raise CollapseError("color refinement did not converge")  # refinement is monotone: cannot happen
 
@@ -318,45 +324,38 @@ class _Analysis:
     def plan(self) -> CollapsePlan:
         for message in self.warnings:
             warnings.warn(message, stacklevel=3)
-        lstm_widths: dict[str, list[int]] = {}
-        for layer in self.layers:
-            if layer.kind in ("lstm", "critic") and isinstance(self.model.get_submodule(layer.module or ""), nn.LSTM):
-                lstm_widths[layer.module] = [count(u.partition) for u in layer.units]
-        stacked = {name for name, widths in lstm_widths.items() if len(set(widths)) > 1}
+        lstm_layers = {
+            layer.module: [units.key for units in layer.units]
+            for layer in self.layers
+            if len(layer.units) > 1 and isinstance(self.model.get_submodule(layer.module or ""), nn.LSTM)
+        }
         params: dict[str, ParamMap] = {}
         modules: dict[str, str] = {}
         layers: list[LayerPlan] = []
         for layer in self.layers:
             for units in layer.units:
                 name = units.key if len(layer.units) == 1 else units.key.replace(".h", ".l")
-                layers.append(LayerPlan(name, layer.kind, units.n, count(units.partition), units.partition.tolist()))
+                layers.append(
+                    LayerPlan(name, layer.kind, units.n, count(units.partition), units.partition.tolist(), units.key)
+                )
             if layer.module is not None:
-                modules[layer.module] = "stack" if layer.module in stacked else "resize"
+                modules[layer.module] = "resize"
             for name, axes in layer.params:
                 changing = [a for a in axes if count(a.space.labels()) != a.space.n]
                 if not changing:
                     continue
-                new_name = name
-                if layer.module in stacked:
-                    attribute = name.rsplit(".", 1)[1]
-                    base, index = attribute.rsplit("_l", 1)
-                    new_name = f"{layer.module}.layers.{index}.{base}_l0"
                 shape = (
                     tuple(self.graph.get_parameter(name).shape)
                     if _is_param(self.graph, name)
                     else tuple(self.graph.get_buffer(name).shape)
                 )
-                params[name] = ParamMap(name, new_name, shape, changing)
-        states = {
-            b.input: StateMap(self._lstm_spaces(b.module), b.layer_axis, b.module in stacked) for b in self.bindings
-        }
+                params[name] = ParamMap(name, name, shape, changing, buffer=not _is_param(self.graph, name))
+        states = {b.input: StateMap(self._lstm_spaces(b.module), b.layer_axis, False, b.module) for b in self.bindings}
         before = sum(p.numel() for p in self.model.parameters())
-        after = before + sum(
-            int(np.prod(m.new_shape())) - int(np.prod(m.shape))
-            for m in params.values()
-            if _is_param(self.graph, m.name)
-        )
-        return CollapsePlan(layers, before, after, params, modules, states, self.links, list(self.warnings))
+        plan = CollapsePlan(layers, before, before, params, modules, states, self.links, list(self.warnings))
+        plan.sources, plan.lstm_layers = self.sources, lstm_layers
+        plan.relabel({})
+        return plan
 
     def _lstm_spaces(self, module: str) -> list[Space]:
         return next(layer.units for layer in self.layers if layer.module == module)
@@ -447,8 +446,11 @@ class _ColorPass(fx.Interpreter):
             return self.contraction(node, metas, args, kwargs, value)
         if target in (torch.cat, torch.concat):
             return self.concat(node, metas, args, kwargs, value)
-        if target in SHAPE_FUNCTIONS or target in SHAPE_METHODS or target is operator.getitem or (
-            target is getattr and args[1] in TRANSPOSES
+        if (
+            target in SHAPE_FUNCTIONS
+            or target in SHAPE_METHODS
+            or target is operator.getitem
+            or (target is getattr and args[1] in TRANSPOSES)
         ):
             if target is getattr:
                 apply = lambda probe: getattr(probe, args[1])  # noqa: E731
@@ -621,6 +623,7 @@ class _ColorPass(fx.Interpreter):
             if partition is None:
                 partition = a.cache[(layer_key, *signature)] = self.lstm_fixed_point(w_ih, w_hh, bias, start, kind)
             a.current[layer_key] = partition
+            a.sources[layer_key] = ("lstm", key, layer)
             units = Units(layer_key, hidden, partition)
             gates = Gated(units)
             params.append(

@@ -2,9 +2,10 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Metric = Literal["cosine", "exact", "scale_aware"]
+Metric = Literal["cosine", "exact", "scale_aware", "basis"]
+WEIGHT_METRICS = ("cosine", "exact", "scale_aware")
 InputRole = Literal["features", "state", "index"]
 OutputRole = Literal["logits", "value", "state", "features"]
 
@@ -22,14 +23,44 @@ class Thresholds(_Strict):
     critic: float = Field(0.8, ge=0.0, le=2.0, allow_inf_nan=False)
 
 
+class RankTol(_Strict):
+    """Per kind of layer, the relative residual a basis of the recorded activations may leave: the fewest units
+    whose span holds all of the layer's centred activations but this fraction (Frobenius norm)."""
+
+    linear: float = Field(0.01, gt=0.0, le=1.0, allow_inf_nan=False)
+    cnn: float = Field(0.01, gt=0.0, le=1.0, allow_inf_nan=False)
+    lstm: float = Field(0.01, gt=0.0, le=1.0, allow_inf_nan=False)
+    critic: float = Field(0.01, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    def scaled(self, scale: float) -> dict[str, float]:
+        return {kind: min(1.0, value * scale) for kind, value in self.model_dump().items()}
+
+
+class Budget(_Strict):
+    """Size the collapse by what it may cost instead of by the chosen units' own knob (at most one of the two):
+    `params`, the kept fraction of the parameters (at most this); `kl`, the mean KL divergence of the action
+    distribution after the refit on the select part of the data (at most this)."""
+
+    params: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    kl: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one(self) -> "Budget":
+        if self.params is not None and self.kl is not None:
+            raise ValueError("give budget.params or budget.kl, not both")
+        return self
+
+
 class CollapseConfig(_Strict):
     """`cosine`: the study's average linkage on cosine distance (default, keeps the study's thresholds' meaning).
     `exact`: exact fibration (rows equal within `tolerance`, relative). `scale_aware`: average linkage on
     2|vi - vj| / (|vi| + |vj|), which unlike cosine bounds the change of each unit's pre-activation, so
-    (w, b) and (2w, 2b) stay apart. Under `cosine` and `scale_aware` a threshold of 0 means exact."""
+    (w, b) and (2w, 2b) stay apart. Under `cosine` and `scale_aware` a threshold of 0 means exact. `basis`:
+    units chosen from recorded activations (`select_basis`), their number set by `rank_tol`."""
 
     thresholds: Thresholds = Field(default_factory=Thresholds)
     metric: Metric = "cosine"
+    rank_tol: RankTol = Field(default_factory=RankTol)
     tolerance: float = Field(1e-4, gt=0.0, lt=1.0, allow_inf_nan=False)
     strict: bool = False
 

@@ -1,6 +1,7 @@
 """Collapse a live training state — the policy, its optimizer and the trainer's recurrent-state buffers —
 in place and all or nothing. Knows no trainer: the embedded runtime and the Metta adapter both call it."""
 
+import copy
 import math
 import time
 from collections.abc import Callable, MutableMapping
@@ -11,13 +12,23 @@ import torch
 from torch import nn
 
 from metta_collapse.analysis import analyze
-from metta_collapse.config import CollapseConfig, ModelSpec
+from metta_collapse.basis import apply_widths, bases, scale_for_params, structure
+from metta_collapse.config import Budget, CollapseConfig, ModelSpec, Thresholds
 from metta_collapse.errors import CollapseError
 from metta_collapse.plan import CollapsePlan
-from metta_collapse.rewrite import ablate, collapse, map_state, reinitialize, remap_optimizer, transaction
+from metta_collapse.refit import refit
+from metta_collapse.rewrite import (
+    ablate,
+    collapse,
+    keep,
+    map_state,
+    reinitialize,
+    remap_optimizer,
+    transaction,
+)
 
 Mode = Literal["fibration", "random_ablation", "scratch"]
-Behaviour = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+Behaviour = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -51,7 +62,8 @@ def _remap_buffer(plan: CollapsePlan, buffer: PackedState, reset: bool) -> torch
 def behaviour_change(
     before: tuple[torch.Tensor, torch.Tensor], after: tuple[torch.Tensor, torch.Tensor]
 ) -> dict[str, float]:
-    """KL(old || new) of the action distributions and the value change relative to the values' scale."""
+    """KL(old || new) of the action distributions, the largest value change relative to the largest value
+    (max|Δv| / max|v|), and how often the most likely action stays the same."""
     (old_logits, old_values), (new_logits, new_values) = before, after
     old_log_p, new_log_p = torch.log_softmax(old_logits, -1), torch.log_softmax(new_logits, -1)
     kl = (old_log_p.exp() * (old_log_p - new_log_p)).sum(-1)
@@ -60,49 +72,162 @@ def behaviour_change(
         "kl_mean": kl.mean().item(),
         "kl_max": kl.max().item(),
         "value_err": ((new_values - old_values).abs().max() / scale).item(),
+        "top1": (old_logits.argmax(-1) == new_logits.argmax(-1)).double().mean().item(),
     }
+
+
+@dataclass
+class Data:
+    """What a collapse sees of the policy's experience, in disjoint parts: `fit`, the collapsed module's inputs
+    the units are chosen and the refit solved on; `select`, its inputs on other rollouts, on which a basis's
+    widths are judged; and the policy's (logits, values) on the select and the report part, as functions of a
+    policy (the live one or a trial copy). The record's behaviour figures come from the report part alone."""
+
+    fit: tuple
+    report: Behaviour
+    select: tuple | None = None
+    select_behaviour: Behaviour | None = None
+    description: str = ""
+
+
+class Sizer:
+    """Plans of the module at a scale of the chosen units' own knob (the weight metrics' thresholds, the
+    basis's rank_tol): the bases of the activations are computed once."""
+
+    def __init__(self, module: nn.Module, data: Data, spec: ModelSpec, config: CollapseConfig):
+        self.module, self.data, self.spec, self.config = module, data, spec, config
+        if config.metric == "basis":
+            self.structure, free = structure(module, data.fit, spec, None)
+            self.bases = bases(module, self.structure, free, data.fit, data.select)
+
+    @property
+    def largest_scale(self) -> float:
+        """The scale at which every knob is at its end (a tolerance of 1, a threshold of 2): one unit a layer."""
+        basis = self.config.metric == "basis"
+        knob = (self.config.rank_tol if basis else self.config.thresholds).model_dump().values()
+        return (1.0 if basis else 2.0) / max(min(knob), 1e-3)
+
+    def plan(self, scale: float) -> tuple[CollapsePlan, dict | None, dict]:
+        """The plan, the units a basis keeps (None: merge the fibers), and the knob's values at `scale`."""
+        c = self.config
+        if c.metric == "basis":
+            plan = copy.deepcopy(self.structure)
+            tolerances = c.rank_tol.scaled(scale)
+            kept = apply_widths(plan, self.bases, [b.width(tolerances[b.kind]) for b in self.bases])
+            return plan, kept, {"rank_tol": tolerances}
+        thresholds = {kind: min(2.0, value * scale) for kind, value in c.thresholds.model_dump().items()}
+        scaled = c.model_copy(update={"thresholds": Thresholds(**thresholds)})
+        return analyze(self.module, self.data.fit, scaled, self.spec), None, {"thresholds": thresholds}
+
+    def for_params(self, fraction: float) -> float:
+        """The smallest scale whose plan keeps at most `fraction` of the parameters."""
+        if self.config.metric == "basis":
+            return scale_for_params(copy.deepcopy(self.structure), self.bases, self.config.rank_tol, fraction)
+        return _bisect(
+            lambda scale: self.plan(scale)[0].kept_fraction <= fraction,
+            1e-3,
+            self.largest_scale,
+            f"budget.params={fraction}",
+        )
+
+
+def _bisect(ok: Callable[[float], bool], low: float, high: float, what: str, steps: int = 12) -> float:
+    """The smallest scale in [low, high] (log-bisected) for which `ok` holds, `ok` being monotone in it."""
+    if not ok(high):
+        raise CollapseError(f"{what}: not reached even at the smallest size the knob allows")
+    if ok(low):
+        return low
+    for _ in range(steps):
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if ok(middle) else (middle, high)
+    return high
+
+
+def _apply(
+    policy: nn.Module,
+    target: str,
+    plan: CollapsePlan,
+    kept: dict | None,
+    mode: Mode,
+    seed: int,
+    data: Data,
+    refit_weights: bool,
+    original: nn.Module,
+) -> dict:
+    """Rewrite `policy.get_submodule(target)` with `plan` in place, then refit it; returns the refit's report."""
+    module = policy.get_submodule(target)
+    if mode == "fibration" and kept is None:
+        collapse(module, plan)
+    elif mode == "fibration":
+        keep(module, plan, kept)
+    else:
+        ablate(module, plan, seed)
+    if mode == "scratch":
+        reinitialize(module, seed)
+        return {}
+    return refit(module, original, plan, data.fit) if refit_weights else {}
 
 
 def collapse_live(
     policy: nn.Module,
     target: str,
-    inputs: tuple,
+    data: Data,
     spec: ModelSpec,
     config: CollapseConfig,
     optimizer: torch.optim.Optimizer,
     buffers: list[PackedState],
-    behaviour: Behaviour,
     mode: Mode = "fibration",
     seed: int = 0,
     optimizer_state: Literal["remap", "reset"] = "remap",
     recurrent_state: Literal["map", "reset"] = "map",
     after_rewrite: Callable[[CollapsePlan], None] | None = None,
+    refit_weights: bool = True,
+    budget: Budget | None = None,
 ) -> tuple[CollapsePlan, dict]:
     """Shrink `policy.get_submodule(target)` in place and carry `optimizer` and `buffers` along.
 
-    `inputs` are the submodule's inputs on recent real observations; `behaviour()` runs the whole policy on a
-    recent segment and returns (logits, values), compared before and after. `random_ablation` keeps random
-    units at the plan's widths, `scratch` also re-initialises them with fresh optimizer state. `after_rewrite(plan)`
-    updates what the policy keeps beside its parameters (size attributes, copies of weights). On any failure
-    the policy, the optimizer and the buffers are exactly as before and the error propagates."""
+    The size comes from the knob of `config.metric` or from `budget`. `random_ablation` keeps random units at
+    the plan's widths, `scratch` also re-initialises them with fresh optimizer state. Unless `scratch`, the
+    rewritten layers are refitted on `data.fit` (`refit_weights`). `after_rewrite(plan)` updates what the policy
+    keeps beside its parameters (size attributes, copies of weights). On any failure the policy, the optimizer
+    and the buffers are exactly as before and the error propagates."""
     start = time.perf_counter()
+    budget = budget or Budget()
     module = policy.get_submodule(target)
     with torch.no_grad():
-        before = behaviour()
-    plan = analyze(module, inputs, config, spec)
+        before = data.report(policy)
+    sizer = Sizer(module, data, spec, config)
+    original = copy.deepcopy(module)
+    scale = 1.0
+    if budget.params is not None:
+        scale = sizer.for_params(budget.params)
+    elif budget.kl is not None:
+        if data.select_behaviour is None:
+            raise CollapseError("budget.kl needs the select part of the data")
+        with torch.no_grad():
+            reference = data.select_behaviour(policy)
+
+        def within(scale: float) -> bool:
+            trial = copy.deepcopy(policy)
+            plan, kept, _ = sizer.plan(scale)
+            _apply(trial, target, plan, kept, mode, seed, data, refit_weights, original)
+            with torch.no_grad():
+                return behaviour_change(reference, data.select_behaviour(trial))["kl_mean"] <= budget.kl
+
+        # the largest size within the budget: bisect on "over budget" (monotone the other way)
+        scale = 1.0 / _bisect(
+            lambda inverse: within(1.0 / inverse), 1.0 / sizer.largest_scale, 1e3, f"budget.kl={budget.kl}", steps=6
+        )
+    plan, kept, knob = sizer.plan(scale)
     params_before = sum(p.numel() for p in policy.parameters())
     saved = [(buffer.holder, buffer.key, buffer.holder[buffer.key]) for buffer in buffers]
-    # re-initialising writes into the parameters that keep their width; everything else gets new tensors
-    weights = [(p, p.detach().clone()) for p in policy.parameters()] if mode == "scratch" else []
+    # re-initialising and the refit write into parameters that keep their width; everything else gets new tensors
+    weights = [(p, p.detach().clone()) for p in policy.parameters()]
     reset = optimizer_state == "reset" or mode == "scratch"
     try:
         with transaction(policy, optimizer):
-            if mode == "fibration":
-                collapse(module, plan)
-            else:
-                ablate(module, plan, seed)
+            fitted = _apply(policy, target, plan, kept, mode, seed, data, refit_weights, original)
             if mode == "scratch":
-                reinitialize(module, seed)
                 for param in policy.parameters():
                     optimizer.state.pop(param, None)
             remap_optimizer(optimizer, module, plan, reset=reset)
@@ -110,8 +235,9 @@ def collapse_live(
                 buffer.holder[buffer.key] = _remap_buffer(plan, buffer, recurrent_state == "reset")
             if after_rewrite is not None:
                 after_rewrite(plan)
+            seconds = time.perf_counter() - start
             with torch.no_grad():
-                change = behaviour_change(before, behaviour())
+                change = behaviour_change(before, data.report(policy))
             if not all(math.isfinite(value) for value in change.values()):
                 raise CollapseError(f"the collapsed policy's behaviour is not finite: {change}")
     except BaseException:
@@ -124,11 +250,17 @@ def collapse_live(
     record = {
         "mode": mode,
         "metric": config.metric,
-        "thresholds": config.thresholds.model_dump(),
+        **knob,
+        "budget": budget.model_dump(),
+        "refit": refit_weights and mode != "scratch",
         "params_before": params_before,
         "params_after": sum(p.numel() for p in policy.parameters()),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
+        "seconds_record": time.perf_counter() - start - seconds,
         **change,
+        "measured_on": data.description,
+        "refitted": [layer["name"] for layer in fitted.get("layers", [])],
+        "kept_merged": fitted.get("kept_merged", []),
         "layers": plan.to_dict()["layers"],
     }
     return plan, record

@@ -162,6 +162,7 @@ class ParamMap:
     new_name: str
     shape: tuple[int, ...]
     axes: list[AxisMap]
+    buffer: bool = False
 
     def new_shape(self) -> tuple[int, ...]:
         shape = list(self.shape)
@@ -180,6 +181,7 @@ class StateMap:
     spaces: list[Space]
     layer_axis: bool
     stacked: bool
+    module: str = ""
 
 
 @dataclass
@@ -189,6 +191,7 @@ class LayerPlan:
     width_before: int
     width_after: int
     partition: list[int]
+    key: str = ""
 
 
 @dataclass
@@ -203,9 +206,45 @@ class CollapsePlan:
     states: dict[str, StateMap] = field(repr=False)
     links: list[tuple[Units, Units]] = field(repr=False)
     warnings: list[str] = field(default_factory=list)
+    # Units key -> where its activations are read: ("node", fx node name, feature axis) or ("lstm", module, layer)
+    sources: dict[str, tuple] = field(default_factory=dict, repr=False)
+    # multi-layer nn.LSTM module -> the unit keys of its layers
+    lstm_layers: dict[str, list[str]] = field(default_factory=dict, repr=False)
     # set when the plan is applied: {old name: (new name, old tensor)}, and the units an ablation kept
     replaced: dict | None = field(default=None, repr=False)
     kept: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    def units(self) -> dict[str, Units]:
+        """Every layer's units the plan rewrites, by key."""
+        used = [axis_map.space for param in self.params.values() for axis_map in param.axes]
+        used += [space for state in self.states.values() for space in state.spaces]
+        return {units.key: units for space in used for units in space.units()}
+
+    def relabel(self, partitions: dict[str, np.ndarray]) -> None:
+        """Give layers new partitions (e.g. the units a selection keeps, the others labelled with the kept unit
+        they fold into) and update the widths and parameter count."""
+        units = self.units()
+        for key, labels in partitions.items():
+            units[key].partition = np.asarray(labels, dtype=np.int64)
+        for module, keys in self.lstm_layers.items():
+            # layers of different widths no longer fit one nn.LSTM: it becomes an LSTMStack
+            stacked = len({count(units[key].partition) for key in keys if key in units}) > 1
+            if module in self.modules:
+                self.modules[module] = "stack" if stacked else "resize"
+            for param in self.params.values():
+                if param.name.startswith(f"{module}.") and "_l" in param.name:
+                    base, index = param.name.rsplit(".", 1)[1].rsplit("_l", 1)
+                    param.new_name = f"{module}.layers.{index}.{base}_l0" if stacked else param.name
+            for state in self.states.values():
+                if state.module == module:
+                    state.stacked = stacked
+        for layer in self.layers:
+            if layer.key in partitions:
+                layer.partition = units[layer.key].partition.tolist()
+                layer.width_after = count(units[layer.key].partition)
+        self.params_after = self.params_before + sum(
+            int(np.prod(m.new_shape())) - int(np.prod(m.shape)) for m in self.params.values() if not m.buffer
+        )
 
     @property
     def kept_fraction(self) -> float:

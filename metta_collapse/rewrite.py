@@ -17,7 +17,7 @@ from torch import nn
 
 from metta_collapse.cluster import count
 from metta_collapse.errors import CollapseError
-from metta_collapse.plan import AxisMap, CollapsePlan, Space, StateMap
+from metta_collapse.plan import AxisMap, CollapsePlan, StateMap
 
 Quantity = Literal["weight", "first_moment", "second_moment"]
 # optimizer state by name (a trailing _<n> dropped): torch's Adam/AdamW/SGD, schedulefree's AdamW/SGD (z),
@@ -101,12 +101,10 @@ def map_selected(tensor: torch.Tensor, axes: list[AxisMap], kept: dict) -> torch
     return tensor
 
 
-def random_selection(plan: CollapsePlan, seed: int) -> dict[str, np.ndarray]:
-    """For each layer, as many randomly chosen units as the plan keeps (linked layers choose together)."""
-    used = [axis_map.space for param in plan.params.values() for axis_map in param.axes]
-    used += [space for state in plan.states.values() for space in state.spaces]
-    spaces: dict[str, Space] = {units.key: units for space in used for units in space.units()}
-    root = {key: key for key in spaces}
+def linked_groups(plan: CollapsePlan) -> dict[str, str]:
+    """Each layer's units key -> the key of its group: layers whose outputs meet element-wise keep the same
+    units, so a selection is made once per group."""
+    root = {key: key for key in plan.units()}
 
     def find(key: str) -> str:
         while root[key] != key:
@@ -116,14 +114,20 @@ def random_selection(plan: CollapsePlan, seed: int) -> dict[str, np.ndarray]:
     for first, second in plan.links:
         if first.key in root and second.key in root:
             root[find(second.key)] = find(first.key)
+    return {key: find(key) for key in root}
+
+
+def random_selection(plan: CollapsePlan, seed: int) -> dict[str, np.ndarray]:
+    """For each layer, as many randomly chosen units as the plan keeps (linked layers choose together)."""
+    spaces = plan.units()
+    groups = linked_groups(plan)
     generator = np.random.default_rng(seed)
     chosen: dict[str, np.ndarray] = {}
     for key in sorted(spaces):
-        group = find(key)
+        group = groups[key]
         if group not in chosen:
             space = spaces[group]
-            kept = count(space.labels())
-            chosen[group] = np.sort(generator.choice(space.n, size=kept, replace=False))
+            chosen[group] = np.sort(generator.choice(space.n, size=count(space.labels()), replace=False))
         chosen[key] = chosen[group]
     return chosen
 
@@ -336,7 +340,14 @@ def ablate(
 ) -> nn.Module:
     """The random-ablation null model, in place: every layer cut to the plan's width, keeping randomly chosen
     units with their trained weights (and optimizer state, index-selected)."""
-    kept = random_selection(plan, seed)
+    return keep(model, plan, random_selection(plan, seed), optimizer)
+
+
+def keep(
+    model: nn.Module, plan: CollapsePlan, kept: dict[str, np.ndarray], optimizer: torch.optim.Optimizer | None = None
+) -> nn.Module:
+    """Cut every layer to the units `kept[key]` (sorted indices; widths as the plan's), in place: trained weights
+    and optimizer state index-selected — all or nothing."""
     _apply(model, plan, optimizer, kept)
     plan.kept = kept
     return model

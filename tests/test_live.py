@@ -50,12 +50,11 @@ def arguments(policy, optimizer, observations, buffers, config=EXACT):
     return dict(
         policy=policy,
         target="core",
-        inputs=(box, *states),
+        data=live.Data(fit=(box, *states), report=lambda p: p(observations, {})),
         spec=SPEC,
         config=config,
         optimizer=optimizer,
         buffers=packed,
-        behaviour=lambda: policy(observations, {}),
     )
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, create_model
 from torch import fx, nn
 
 import metta_collapse as mc
-from metta_collapse.live import collapse_live
+from metta_collapse.live import Data, collapse_live
 from metta_collapse.rewrite import map_collapsed, map_selected
 
 Era = Literal["current", "september"]
@@ -52,7 +52,7 @@ def section_fields(thresholds: type[BaseModel]) -> dict[str, Any]:
         "enabled": (bool, True),
         "epoch_idx": (int, Field(default=10, ge=0)),
         "thresholds": (thresholds, Field(default_factory=thresholds)),
-        "metric": (mc.config.Metric, "cosine"),
+        "metric": (Literal[mc.config.WEIGHT_METRICS], "cosine"),
         "mode": (Literal["fibration", "random_ablation"], "fibration"),
         "optimizer_state": (Literal["remap", "reset"], "remap"),
         "seed": (int, 0),
@@ -330,19 +330,24 @@ def collapse_agent(
         outputs = chain(*_chain_inputs(layout, chain, recent))
         return (outputs[0] if layout.logits is None else layout.logits(root, outputs[0])), outputs[1]
 
+    data = Data(
+        fit=_chain_inputs(layout, chain, recent),
+        report=lambda _: behaviour(),
+        description=f"last {ANALYSIS_ROWS} rows of the trainer's forward passes",
+    )
     _, record = collapse_live(
         view,
         "chain",
-        _chain_inputs(layout, chain, recent),
+        data,
         layout.spec,
         engine_config(section),
         optimizer,
         [],
-        behaviour,
         section.mode,
         section.seed,
         section.optimizer_state,
         after_rewrite=after_rewrite,
+        refit_weights=False,
     )
     return record
 

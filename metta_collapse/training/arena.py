@@ -81,9 +81,7 @@ def make_game(
     num_agents: int, map_builder: MapBuilderConfig, max_steps: int, combat_items: bool, label: str
 ) -> MettaGridConfig:
     rewards = {item: inventoryReward(item, weight=weight, max=cap) for item, (weight, cap) in REWARDS.items()}
-    inventory = InventoryConfig(
-        default_limit=50, limits={"heart": ResourceLimitsConfig(base=255, resources=["heart"])}
-    )
+    inventory = InventoryConfig(default_limit=50, limits={"heart": ResourceLimitsConfig(base=255, resources=["heart"])})
     return MettaGridConfig(
         label=label,
         game=GameConfig(
@@ -118,9 +116,7 @@ def make_arena(num_agents: int = 24) -> MettaGridConfig:
             objects={"wall": 10, "mine_red": 10, "generator_red": 5, "altar": 5, "lasery": 1, "armory": 1},
         ),
     )
-    return make_game(
-        num_agents, map_builder, max_steps=1000, combat_items=True, label="arena.basic_easy_shaped"
-    )
+    return make_game(num_agents, map_builder, max_steps=1000, combat_items=True, label="arena.basic_easy_shaped")
 
 
 def make_small_arena() -> MettaGridConfig:

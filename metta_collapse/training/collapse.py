@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 import metta_collapse as mc
-from metta_collapse.live import PackedState, collapse_live
+from metta_collapse.live import Data, PackedState, collapse_live
 from metta_collapse.training.checkpoint import (
     checkpoint_epochs,
     load_checkpoint,
@@ -23,6 +23,7 @@ from metta_collapse.training.checkpoint import (
 from metta_collapse.training.config import Config, ConfigError, TrainTool
 from metta_collapse.training.metrics import read_metrics
 from metta_collapse.training.policy import FastPolicy
+from metta_collapse.training.rollout import rollouts
 
 if TYPE_CHECKING:
     from metta_collapse.training.trainer import TrainerState
@@ -32,8 +33,6 @@ CORE_SPEC = mc.ModelSpec(
     outputs=["logits", "value", "state", "state", "state", "state"],
 )
 STATE_PARTS = {"lstm_h": ["h1", "h2"], "lstm_c": ["c1", "c2"]}
-# segments of recent observations the collapse analyses and measures its effect on
-ANALYSIS_SEGMENTS = 32
 PRE_COLLAPSE_SUFFIX = ".precollapse"
 
 
@@ -57,26 +56,59 @@ def analyze_policy(
 
 
 class CollapseSection(Config):
-    """When and how to collapse (design.md); the thresholds and metric are the engine's."""
+    """When and how to collapse (design.md); the thresholds, rank_tol, metric and budget are the engine's."""
 
     enabled: bool = True
     epoch_idx: int = Field(default=10, ge=0)
+    metric: mc.config.Metric = "basis"
     thresholds: mc.Thresholds = Field(default_factory=mc.Thresholds)
-    metric: mc.config.Metric = "cosine"
+    rank_tol: mc.RankTol = Field(default_factory=mc.RankTol)
+    budget: mc.Budget = Field(default_factory=mc.Budget)
+    refit: bool = True
+    # agent steps of experience the units are chosen and the refit solved on (topped up with fresh rollouts)
+    fit_steps: int = Field(default=6144, ge=1)
     mode: Literal["fibration", "random_ablation", "scratch"] = "fibration"
     init_from: str | None = Field(default=None, pattern=r"^[\w.=+-]+$")
     optimizer_state: Literal["remap", "reset"] = "remap"
     recurrent_state: Literal["map", "reset"] = "map"
     seed: int = 0
 
+    def check(self) -> None:
+        """Exactly one thing sets the size: the chosen units' own knob or a budget."""
+        given = [f"collapse.{name}.*" for name in ("thresholds", "rank_tol") if getattr(self, name).model_fields_set]
+        given += [f"collapse.budget.{name}" for name in ("params", "kl") if getattr(self.budget, name) is not None]
+        own = "rank_tol" if self.metric == "basis" else "thresholds"
+        foreign = [g for g in given if g.startswith("collapse.t" if own == "rank_tol" else "collapse.r")]
+        if foreign:
+            raise ConfigError(
+                f"{foreign[0]} is not a knob of collapse.metric={self.metric}: its size is set by "
+                f"collapse.{own}.* or collapse.budget.params / collapse.budget.kl"
+            )
+        if len(given) > 1:
+            raise ConfigError(f"the collapse's size is set twice ({' and '.join(given)}): give one of them")
+        if self.metric == "exact" and self.budget.params is not None or self.metric == "exact" and self.budget.kl:
+            raise ConfigError("collapse.metric=exact merges exact copies only: it has no size to budget")
+
     def engine_config(self) -> mc.CollapseConfig:
-        return mc.CollapseConfig(thresholds=self.thresholds, metric=self.metric)
+        return mc.CollapseConfig(thresholds=self.thresholds, metric=self.metric, rank_tol=self.rank_tol)
+
+    def settings(self) -> dict:
+        """Every field that shapes a branch or a collapse (the resume check compares them)."""
+        return self.model_dump(exclude={"enabled", "init_from", "epoch_idx"})
 
     def branch_name(self) -> str:
-        """The study's names: {src}_epoch_{E}_{base|ablationsrandom|small_scratch}_{linear}_{cnn}_{lstm}_{critic}."""
+        """The study's names, {src}_epoch_{E}_{base|ablationsrandom|small_scratch}_{linear}_{cnn}_{lstm}_{critic},
+        with the metric when not cosine, `basis_` and the rank tolerances for the basis, `params…`/`kl…` for a
+        budget in place of the knob, and `_norefit` without the refit."""
         arm = {"fibration": "base", "random_ablation": "ablationsrandom", "scratch": "small_scratch"}[self.mode]
-        t = self.thresholds
-        return f"{self.init_from}_epoch_{self.epoch_idx}_{arm}_{t.linear}_{t.cnn}_{t.lstm}_{t.critic}"
+        if self.budget.params is not None or self.budget.kl is not None:
+            knob = f"params{self.budget.params}" if self.budget.params is not None else f"kl{self.budget.kl}"
+        else:
+            values = (self.rank_tol if self.metric == "basis" else self.thresholds).model_dump().values()
+            knob = "_".join(str(v) for v in values) if self.metric != "exact" else ""
+        metric = "" if self.metric == "cosine" else self.metric
+        name = "_".join(part for part in (arm, metric, knob) if part)
+        return f"{self.init_from}_epoch_{self.epoch_idx}_{name}{'' if self.refit else '_norefit'}"
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -91,14 +123,17 @@ def collapse_metrics(record: dict) -> dict[str, float]:
 
 def print_record(record: dict) -> None:
     kept = record["params_after"] / record["params_before"]
+    refit = ", refit" if record.get("refit") else ""
     print(
-        f"collapse ({record['mode']}, {record['metric']}) at epoch {record['epoch']}, step {record['agent_step']:,}: "
-        f"{record['params_before']:,} -> {record['params_after']:,} parameters ({kept:.1%} kept) in "
-        f"{record['seconds']:.2f}s; KL mean {record['kl_mean']:.2e} max {record['kl_max']:.2e}, "
-        f"value error {record['value_err']:.2e}"
+        f"collapse ({record['mode']}, {record['metric']}{refit}) at epoch {record['epoch']}, step "
+        f"{record['agent_step']:,}: {record['params_before']:,} -> {record['params_after']:,} parameters "
+        f"({kept:.1%} kept) in {record['seconds']:.2f}s\n  on the {record.get('measured_on', 'recent data')}: "
+        f"KL mean {record['kl_mean']:.2e} max {record['kl_max']:.2e}, value error (max|dv|/max|v|) "
+        f"{record['value_err']:.2e}, top-1 action kept {record.get('top1', float('nan')):.1%}"
     )
     for layer in record["layers"]:
-        print(f"  {layer['name']:<20} {layer['width_before']:>6} -> {layer['width_after']:<6}")
+        if layer["width_after"] != layer["width_before"]:
+            print(f"  {layer['name']:<20} {layer['width_before']:>6} -> {layer['width_after']:<6}")
 
 
 class CollapseTrainTool(TrainTool):
@@ -109,6 +144,7 @@ class CollapseTrainTool(TrainTool):
 
     def invoke(self) -> int | None:
         c = self.collapse
+        c.check()
         if c.mode == "scratch" and c.init_from is None:
             raise ConfigError("collapse.mode=scratch trains the small network from step 0: it needs collapse.init_from")
         if c.enabled and c.init_from is not None:
@@ -158,8 +194,7 @@ class CollapseTrainTool(TrainTool):
         policy = policy_from_checkpoint(checkpoint)
         optimizer = self.make_optimizer(policy)
         optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        observations = self.recent_observations(policy)
-        record = self.collapse_policy(policy, optimizer, observations, [])
+        record = self.collapse_policy(policy, optimizer, self.collapse_data(policy, None, None), [])
         scratch = c.mode == "scratch"
         epoch, step, wall = (
             (0, 0, 0.0) if scratch else (checkpoint["epoch"], checkpoint["agent_step"], checkpoint["wall_time"])
@@ -175,43 +210,71 @@ class CollapseTrainTool(TrainTool):
         print_record(record)
 
     def collapse_policy(
-        self,
-        policy: FastPolicy,
-        optimizer: torch.optim.Optimizer,
-        observations: torch.Tensor,
-        buffers: list[PackedState],
+        self, policy: FastPolicy, optimizer: torch.optim.Optimizer, data: Data, buffers: list[PackedState]
     ) -> dict:
         c = self.collapse
-        observations = observations.to(policy.feature_scale.device)
         _, record = collapse_live(
             policy,
             "core",
-            core_inputs(policy, observations),
+            data,
             CORE_SPEC,
             c.engine_config(),
             optimizer,
             buffers,
-            lambda: policy(observations, {}),
             c.mode,
             c.seed,
             c.optimizer_state,
             c.recurrent_state,
+            refit_weights=c.refit,
+            budget=c.budget,
         )
-        return record | {"optimizer_state": c.optimizer_state, "recurrent_state": c.recurrent_state, "seed": c.seed}
+        return record | {"settings": c.settings()}
+
+    def collapse_data(
+        self, policy: FastPolicy, observations: torch.Tensor | None, copies: torch.Tensor | None, epoch: int = 0
+    ) -> Data:
+        """The fit, select and report parts. With 3 or more environment copies in the epoch's experience the
+        parts are whole copies of it (report: the last, select: the one before, fit: the others); otherwise,
+        and where the fit part is short of `collapse.fit_steps`, fresh rollouts of the policy fill in."""
+        c, horizon = self.collapse, self.trainer.bptt_horizon
+        device = policy.feature_scale.device
+        seed = 1_000_000 + 1_000 * self.seed + epoch  # maps no training environment uses
+        parts: dict[str, torch.Tensor] = {}
+        where = "fresh rollouts"
+        if observations is not None and copies is not None and int(copies.max()) >= 2:
+            n = int(copies.max()) + 1
+            parts = {"report": observations[copies == n - 1], "select": observations[copies == n - 2]}
+            observations = observations[copies < n - 2]
+            where = f"environment copy {n} of {n} of epoch {epoch}'s experience"
+        for name in ("select", "report"):
+            if name not in parts:
+                parts[name] = self.rollout_segments(policy, 1, seed + 100 * len(parts))
+        fit = [observations] if observations is not None else []
+        while sum(len(o) for o in fit) * horizon < c.fit_steps:
+            fit.append(self.rollout_segments(policy, 1, seed + 100 * (2 + len(fit))))
+        fit_observations = torch.cat(fit).to(device)
+        select, report = parts["select"].to(device), parts["report"].to(device)
+        steps = report.shape[0] * report.shape[1]
+        return Data(
+            fit=core_inputs(policy, fit_observations),
+            report=lambda p: p(report, {}),
+            select=core_inputs(policy, select),
+            select_behaviour=lambda p: p(select, {}),
+            description=f"report part: {steps:,} agent steps ({where}; segments of {horizon} from zero state)",
+        )
+
+    def rollout_segments(self, policy: FastPolicy, copies: int, seed: int) -> torch.Tensor:
+        """Fresh rollouts of `copies` environment copies, 512 steps an agent, as (segments, bptt_horizon, ...)."""
+        horizon = self.trainer.bptt_horizon
+        steps = max(1, math.ceil(512 / horizon)) * horizon
+        observations, _ = rollouts(policy, self.training_env.make_config(), copies, steps, seed)
+        return observations.reshape(-1, horizon, *observations.shape[2:])
 
     def _check_same_branch(self) -> None:
         """Resuming a branch must not silently continue one made with other settings under the same name."""
         c, path = self.collapse, self.run_dir / "collapse.json"
-        record = json.loads(path.read_text()) if path.exists() else {}
-        wanted = {
-            "mode": c.mode,
-            "metric": c.metric,
-            "thresholds": c.thresholds.model_dump(),
-            "optimizer_state": c.optimizer_state,
-            "recurrent_state": c.recurrent_state,
-            "seed": c.seed,
-        }
-        differs = {key: record.get(key) for key, value in wanted.items() if record.get(key) != value}
+        made = (json.loads(path.read_text()) if path.exists() else {}).get("settings", {})
+        differs = {key: made.get(key) for key, value in c.settings().items() if made.get(key) != value}
         if differs:
             raise ConfigError(
                 f"run {self.run!r} already exists as a branch with other collapse settings ({differs}); "
@@ -222,28 +285,6 @@ class CollapseTrainTool(TrainTool):
         """The optimizer PuffeRL builds (Adam with the tool's settings), to carry a checkpoint's state."""
         o = self.trainer.optimizer
         return torch.optim.Adam(policy.parameters(), lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps)
-
-    def recent_observations(self, policy: FastPolicy) -> torch.Tensor:
-        """One BPTT segment per agent of the policy acting in the training environment: (agents, T, tokens, 3)."""
-        from metta_collapse.training.arena import make_vecenv
-
-        env_cfg = self.training_env.make_config()
-        vecenv = make_vecenv(env_cfg, 1, self.seed)
-        try:
-            observations, _ = vecenv.reset(self.seed)
-            state: dict = {}
-            frames = []
-            generator = torch.Generator().manual_seed(self.seed)
-            with torch.no_grad():
-                for _ in range(self.trainer.bptt_horizon):
-                    tokens = torch.as_tensor(observations)
-                    frames.append(tokens)
-                    logits, _ = policy.forward_eval(tokens, state)
-                    actions = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
-                    observations, *_ = vecenv.step(actions.numpy())
-        finally:
-            vecenv.close()
-        return torch.stack(frames, dim=1)
 
     def on_epoch_end(self, state: "TrainerState") -> None:
         c = self.collapse
@@ -263,15 +304,18 @@ class CollapseTrainTool(TrainTool):
             state.metrics["metric/total_time"],
             suffix=PRE_COLLAPSE_SUFFIX,
         )
-        observations = state.observations[:ANALYSIS_SEGMENTS]
         policy = state.policy
+        # PuffeRL fills rows agent by agent, all agents in step: row r holds agent r % agents
+        per_copy = self.training_env.make_config().game.num_agents
+        copies = torch.arange(len(state.observations)) % trainer.total_agents // per_copy
+        data = self.collapse_data(policy, state.observations, copies, state.epoch)
         buffers = [
             PackedState(holder, key, STATE_PARTS[name])
             for name, holder in (("lstm_h", trainer.lstm_h), ("lstm_c", trainer.lstm_c))
             for key in holder
         ]
         try:
-            record = self.collapse_policy(policy, state.optimizer, observations, buffers)
+            record = self.collapse_policy(policy, state.optimizer, data, buffers)
         except Exception as error:
             pre_collapse.unlink()
             raise RuntimeError(f"collapse at epoch {state.epoch} failed, nothing was changed: {error}") from error

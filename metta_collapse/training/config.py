@@ -161,13 +161,11 @@ class TrainTool(Tool):
             raise ConfigError("trainer.compile=true is not supported: a collapse changes parameter shapes")
         if t.minibatch_size > t.batch_size or t.batch_size % t.minibatch_size:
             raise ConfigError(
-                f"trainer.batch_size={t.batch_size} must be a multiple of "
-                f"trainer.minibatch_size={t.minibatch_size}"
+                f"trainer.batch_size={t.batch_size} must be a multiple of trainer.minibatch_size={t.minibatch_size}"
             )
         if t.minibatch_size % t.bptt_horizon:
             raise ConfigError(
-                f"trainer.minibatch_size={t.minibatch_size} must be a multiple of "
-                f"trainer.bptt_horizon={t.bptt_horizon}"
+                f"trainer.minibatch_size={t.minibatch_size} must be a multiple of trainer.bptt_horizon={t.bptt_horizon}"
             )
         # PuffeRL fills the batch with whole bptt segments of every agent
         unit = t.bptt_horizon * num_agents

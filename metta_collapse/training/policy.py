@@ -72,9 +72,7 @@ class FastCore(nn.Module):
     logits (B*T, A), value (B*T, 1) and the new states (B, ...).
     """
 
-    def __init__(
-        self, num_features: int, obs_height: int, obs_width: int, num_actions: int, widths: dict[str, int]
-    ):
+    def __init__(self, num_features: int, obs_height: int, obs_width: int, num_actions: int, widths: dict[str, int]):
         super().__init__()
         self.cnn1 = nn.Conv2d(num_features, widths["cnn1"], kernel_size=5, stride=3)
         self.cnn2 = nn.Conv2d(widths["cnn1"], widths["cnn2"], kernel_size=3, stride=1)

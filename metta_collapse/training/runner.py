@@ -82,9 +82,7 @@ def build_tool(argv: list[str]) -> Tool:
             if annotation is not inspect.Parameter.empty:
                 value = TypeAdapter(annotation).validate_python(value)
         except ValidationError as error:
-            raise ConfigError(
-                f"invalid value for argument {key}: {value!r} ({error.errors()[0]['msg']})"
-            ) from None
+            raise ConfigError(f"invalid value for argument {key}: {value!r} ({error.errors()[0]['msg']})") from None
         kwargs[key] = value
     tool = function(**kwargs)
     if not isinstance(tool, Tool):

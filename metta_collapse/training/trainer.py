@@ -138,9 +138,7 @@ def puffer_config(tool: TrainTool) -> dict:
     }
 
 
-def epoch_metrics(
-    trainer: Trainer, logs: dict, epoch_seconds: float, epoch_steps: int, wall_time: float
-) -> dict:
+def epoch_metrics(trainer: Trainer, logs: dict, epoch_seconds: float, epoch_steps: int, wall_time: float) -> dict:
     metrics = {
         "metric/epoch": trainer.epoch,
         "metric/agent_step": trainer.global_step,
@@ -185,9 +183,7 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
         trainer.epoch = checkpoint["epoch"]
         trainer.global_step = checkpoint["agent_step"]
         wall_offset = checkpoint["wall_time"]
-        print(
-            f"resuming {tool.run} from {resume_from.name}: epoch {trainer.epoch}, step {trainer.global_step}"
-        )
+        print(f"resuming {tool.run} from {resume_from.name}: epoch {trainer.epoch}, step {trainer.global_step}")
 
     state = TrainerState(trainer, tool, extra=checkpoint.get("extra", {}) if checkpoint else {})
     total = tool.trainer.total_timesteps
@@ -223,14 +219,10 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
                     wall_time,
                     extra=state.extra,
                 )
-                if ckpt.wandb_checkpoint_interval and (
-                    done or trainer.epoch % ckpt.wandb_checkpoint_interval == 0
-                ):
+                if ckpt.wandb_checkpoint_interval and (done or trainer.epoch % ckpt.wandb_checkpoint_interval == 0):
                     logger.log_checkpoint(path)
         if not state.metrics:
-            print(
-                f"{tool.run} already trained {trainer.global_step:,} of {total:,} agent steps; nothing to do"
-            )
+            print(f"{tool.run} already trained {trainer.global_step:,} of {total:,} agent steps; nothing to do")
     finally:
         torch.set_num_threads(threads)
         vecenv.close()

@@ -127,14 +127,16 @@ def test_branches_restore_the_epoch_and_name_the_run_like_the_study(tmp_path: Pa
     baseline(tmp_path)
     source = load_checkpoint(checkpoint_epochs(tmp_path / "base" / "checkpoints", "base")[2])
     arms = {}
-    for mode in ("fibration", "random_ablation", "scratch"):
-        tool = collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2, mode=mode, seed=5)
+    for mode in ("fibration", "random_ablation", "scratch"):  # the study's arms: cosine fibers, no refit
+        tool = collapse_tool(
+            tmp_path, None, 2, init_from="base", epoch_idx=2, mode=mode, seed=5, metric="cosine", refit=False
+        )
         tool.invoke()
         arms[mode] = tool.run
     assert arms == {
-        "fibration": "base_epoch_2_base_0.7_0.5_1.0_0.8",
-        "random_ablation": "base_epoch_2_ablationsrandom_0.7_0.5_1.0_0.8",
-        "scratch": "base_epoch_2_small_scratch_0.7_0.5_1.0_0.8",
+        "fibration": "base_epoch_2_base_0.7_0.5_1.0_0.8_norefit",
+        "random_ablation": "base_epoch_2_ablationsrandom_0.7_0.5_1.0_0.8_norefit",
+        "scratch": "base_epoch_2_small_scratch_0.7_0.5_1.0_0.8_norefit",
     }
     records = {mode: json.loads((tmp_path / run / "collapse.json").read_text()) for mode, run in arms.items()}
     assert len({r["params_after"] for r in records.values()}) == 1

@@ -135,7 +135,5 @@ def test_widths_are_read_live_and_a_shrunk_policy_rebuilds_from_its_architecture
     tokens = torch.randint(0, 255, (6, 200, 3), dtype=torch.uint8)
     state = {"lstm_h": torch.zeros(6, 176), "lstm_c": torch.zeros(6, 176)}
     with torch.no_grad():
-        assert torch.allclose(
-            policy.forward_eval(tokens, dict(state))[0], rebuilt.forward_eval(tokens, state)[0]
-        )
+        assert torch.allclose(policy.forward_eval(tokens, dict(state))[0], rebuilt.forward_eval(tokens, state)[0])
     assert state["lstm_h"].shape == (6, 176)

@@ -1,0 +1,142 @@
+"""Run a model's graph on recorded inputs and keep what some nodes saw and produced: the data the basis and
+the refit work from. The graph may be the one of the original model while the modules and parameters are
+taken from another, collapsed one (same names), so one graph serves both."""
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from metta_collapse.plan import CollapsePlan
+from metta_collapse.rewrite import LSTMStack, map_state
+
+
+class _Stop(Exception):
+    pass
+
+
+class Recorder(fx.Interpreter):
+    """Runs `graph` with the modules and tensors of `model`; keeps the inputs and the output of `nodes` and
+    stops once it has them all."""
+
+    def __init__(self, graph: fx.GraphModule, model: nn.Module, nodes: set[str]):
+        super().__init__(graph)
+        self.model, self.nodes = model, nodes
+        self.seen: dict[str, tuple[tuple, Any]] = {}
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        return self.model.get_submodule(target)(*args, **kwargs)
+
+    def get_attr(self, target: str, args: tuple, kwargs: dict) -> Any:
+        module_name, _, attribute = target.rpartition(".")
+        return getattr(self.model.get_submodule(module_name), attribute)
+
+    def run_node(self, node: fx.Node) -> Any:
+        value = super().run_node(node)
+        if node.name in self.nodes:
+            args = fx.node.map_arg(node.args, lambda n: self.env[n])
+            self.seen[node.name] = (args, value)
+            if len(self.seen) == len(self.nodes):
+                raise _Stop
+        return value
+
+
+def record(graph: fx.GraphModule, model: nn.Module, inputs: tuple, nodes: set[str]) -> dict[str, tuple[tuple, Any]]:
+    """{node name: (its arguments, its output)} for `nodes`, running `graph` with `model`'s weights."""
+    recorder = Recorder(graph, model, set(nodes))
+    if nodes:
+        with torch.no_grad():
+            try:
+                recorder.run(*inputs)
+            except _Stop:
+                pass
+    return recorder.seen
+
+
+def collapsed_inputs(graph: fx.GraphModule, plan: CollapsePlan, inputs: tuple) -> tuple:
+    """The inputs mapped to a collapsed model: recurrent states at the collapsed widths."""
+    placeholders = [node.target for node in graph.graph.nodes if node.op == "placeholder"]
+    return tuple(
+        map_state(plan, name, value, plan.kept) if name in plan.states else value
+        for name, value in zip(placeholders, inputs, strict=False)
+    )
+
+
+# ----- LSTM layers one at a time
+
+
+def lstm_layers(module: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Per layer: its weight_ih, weight_hh, bias_ih, bias_hh (an nn.LSTM of any depth or an LSTMStack)."""
+    if isinstance(module, LSTMStack):
+        return [lstm_layers(layer)[0] for layer in module.layers]
+    return [
+        {
+            name: getattr(module, f"{name}_l{index}")
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            if hasattr(module, f"{name}_l{index}")
+        }
+        for index in range(module.num_layers)
+    ]
+
+
+def lstm_layer_names(module: nn.Module, prefix: str) -> list[dict[str, str]]:
+    """The qualified parameter names of `lstm_layers(module)`."""
+    if isinstance(module, LSTMStack):
+        return [
+            {name: f"{prefix}.layers.{i}.{name}_l0" for name in lstm_layers(layer)[0]}
+            for i, layer in enumerate(module.layers)
+        ]
+    return [{name: f"{prefix}.{name}_l{i}" for name in layer} for i, layer in enumerate(lstm_layers(module))]
+
+
+def lstm_call(module: nn.Module, args: tuple) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """An LSTM call's input as (batch, time, features) and each layer's initial (h, c), each (batch, hidden)."""
+    x = args[0]
+    batch_first = module.batch_first
+    if x.ndim == 2:
+        x = x.unsqueeze(0 if batch_first else 1)
+    x = x if batch_first else x.transpose(0, 1)
+    layers = lstm_layers(module)
+    widths = [layer["weight_hh"].shape[1] for layer in layers]
+    state = args[1] if len(args) > 1 else None
+    if state is None:
+        zeros = [x.new_zeros(x.shape[0], width) for width in widths]
+        return x, list(zip(zeros, zeros, strict=True))
+    h, c = (s.reshape(-1, s.shape[-2], s.shape[-1]) for s in state)  # (layers or 1, batch, hidden)
+    if isinstance(module, LSTMStack):
+        hs, cs = h[0].split(widths, dim=-1), c[0].split(widths, dim=-1)
+    else:
+        hs, cs = h.unbind(0), c.unbind(0)
+    return x, list(zip(hs, cs, strict=True))
+
+
+def run_lstm_layer(layer: dict[str, torch.Tensor], x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+    """One LSTM layer over (batch, time, features) from (h0, c0): its hidden states (batch, time, hidden)."""
+    weights = [layer["weight_ih"], layer["weight_hh"]]
+    biases = [layer[name] for name in ("bias_ih", "bias_hh") if name in layer]
+    output, _, _ = torch.lstm(
+        x,
+        (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()),
+        weights + biases,
+        bool(biases),
+        1,
+        0.0,
+        False,
+        False,
+        True,
+    )
+    return output
+
+
+def lstm_trajectories(module: nn.Module, args: tuple) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer: its input sequence, its hidden states before each step and after each step, all
+    (batch, time, ·), for an LSTM call with arguments `args`."""
+    x, states = lstm_call(module, args)
+    out = []
+    with torch.no_grad():
+        for layer, (h0, c0) in zip(lstm_layers(module), states, strict=True):
+            hidden = run_lstm_layer(layer, x, h0, c0)
+            previous = torch.cat([h0.unsqueeze(1), hidden[:, :-1]], dim=1)
+            out.append((x, previous, hidden))
+            x = hidden
+    return out

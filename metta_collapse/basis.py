@@ -1,0 +1,232 @@
+"""Units chosen from data: per layer, the units whose recorded activations form a basis of what the data
+exercises (pivoted QR of the centred samples × units matrix), the others to be folded into them by `refit`.
+
+An exact fibration is the lossless case: the units of one fiber have identical activation columns, so a basis
+keeps one of them. The layers are those `analyze` finds; which of them may shrink, and which must keep the same
+units (outputs meeting element-wise), comes from the same analysis."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import fx, nn
+
+from metta_collapse.activations import lstm_trajectories, record
+from metta_collapse.analysis import analyze
+from metta_collapse.config import CollapseConfig, ModelSpec, RankTol, Thresholds
+from metta_collapse.errors import CollapseError
+from metta_collapse.graph import as_graph
+from metta_collapse.plan import CollapsePlan
+from metta_collapse.rewrite import linked_groups
+
+# below this many samples (rows: agent steps, times spatial positions for a convolution) a basis says little
+MIN_SAMPLES = 1000
+MERGE_ALL = Thresholds(linear=2.0, cnn=2.0, lstm=2.0, critic=2.0)
+
+
+@dataclass
+class Basis:
+    """One layer's (or linked group's) units in pivot order and the relative residual of keeping the first k."""
+
+    keys: list[str]
+    kind: str
+    order: np.ndarray
+    residual: np.ndarray  # residual[k], k = 0..n
+    similarity: np.ndarray  # |cosine| between the units' centred activations
+
+    def width(self, tolerance: float) -> int:
+        return max(1, int(np.argmax(self.residual <= tolerance)))
+
+    def labels(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The kept units (sorted) and every unit's label: a kept unit its position, another the kept unit its
+        activations are most similar to (what it is folded into)."""
+        kept = np.sort(self.order[:width])
+        labels = np.argmax(self.similarity[kept], axis=0)
+        labels[kept] = np.arange(width)
+        return kept, labels
+
+
+def structure(
+    model: nn.Module, inputs: tuple, spec: ModelSpec | None, graph: fx.GraphModule | None
+) -> tuple[CollapsePlan, set[str]]:
+    """The plan's layers with every unit merged that the model allows; the keys of the layers that may shrink."""
+    plan = analyze(model, inputs, CollapseConfig(thresholds=MERGE_ALL), spec, graph)
+    return plan, {layer.key for layer in plan.layers if layer.width_after < layer.width_before}
+
+
+def activations(
+    model: nn.Module, plan: CollapsePlan, data: tuple, keys: set[str], graph: fx.GraphModule | None = None
+) -> dict[str, torch.Tensor]:
+    """Each layer's activations on `data`, (samples, units): the tensor its units feed forward (after their
+    nonlinearity); an LSTM layer's hidden states over time."""
+    graph = as_graph(model, graph)
+    lstm_nodes = {n.target: n.name for n in graph.graph.nodes if n.op == "call_module"}
+    wanted = {
+        key: plan.sources[key][1] if plan.sources[key][0] == "node" else lstm_nodes[plan.sources[key][1]]
+        for key in keys
+    }
+    seen = record(graph, model, data, set(wanted.values()))
+    out = {}
+    for key, node in wanted.items():
+        source = plan.sources[key]
+        if source[0] == "node":
+            value, axis = seen[node][1], source[2]
+        else:
+            value = lstm_trajectories(model.get_submodule(source[1]), seen[node][0])[source[2]][2]
+            axis = -1
+        out[key] = value.movedim(axis, -1).reshape(-1, value.shape[axis])
+    return out
+
+
+def pivoted_basis(
+    columns: list[torch.Tensor], held_out: list[torch.Tensor] | None, keys: list[str], kind: str, strength: float
+) -> Basis:
+    """Pivoted QR of the centred activations, run on a square root of their Gram matrix (the same pivots at a
+    cost independent of the number of samples). The residual of keeping k units is that of the best ridge
+    reconstruction of every unit from them (the refit's), fitted on `columns` and measured on `held_out`:
+    on the data it was fitted on, a layer's span understates what other maps exercise."""
+    a = torch.cat([c.double() for c in columns], dim=0)
+    mean = a.mean(0)
+    gram = ((a - mean).T @ (a - mean)).numpy()
+    n = gram.shape[0]
+    if np.trace(gram) <= 0.0:  # no unit varies: one is enough
+        return Basis(keys, kind, np.arange(n), np.zeros(n + 1), np.eye(n))
+    values, vectors = np.linalg.eigh(gram)
+    root = np.sqrt(np.clip(values, 0.0, None))[:, None] * vectors.T
+    order = scipy.linalg.qr(root, mode="r", pivoting=True)[1]
+    norms = np.sqrt(np.clip(np.diag(gram), 1e-300, None))
+    similarity = np.abs(gram) / norms[:, None] / norms[None, :]
+    test = gram
+    if held_out is not None:
+        b = torch.cat([c.double() for c in held_out], dim=0) - mean
+        test = (b.T @ b).numpy()
+    return Basis(keys, kind, order, _residuals(gram, test, order, strength), similarity)
+
+
+def _residuals(gram: np.ndarray, test: np.ndarray, order: np.ndarray, strength: float) -> np.ndarray:
+    """residual[k]: relative error of rebuilding every unit from the first k pivots by ridge regression fitted
+    on `gram`, on the data of `test` (both centred Gram matrices), at about 32 k's and k = n (interpolated
+    between them as the next larger k's value, so a width is never understated)."""
+    n = len(order)
+    gram, test = gram[np.ix_(order, order)], test[np.ix_(order, order)]
+    total = float(np.trace(test)) or 1.0
+    lam = strength * float(np.trace(gram)) / n + 1e-12
+    grid = np.unique(np.concatenate([np.geomspace(1, n, 32).round().astype(int), [n]]))
+    at_grid = []
+    for k in grid:
+        if k == n:
+            at_grid.append(0.0)
+            continue
+        coefficients = scipy.linalg.solve(gram[:k, :k] + lam * np.eye(k), gram[:k, k:], assume_a="pos")
+        error = (
+            np.trace(test[k:, k:])
+            - 2 * np.sum(coefficients * test[:k, k:])
+            + np.sum(coefficients * (test[:k, :k] @ coefficients))
+        )
+        at_grid.append(np.sqrt(max(error, 0.0) / total))
+    # a width is accepted only if every larger one is too, and between grid points it counts as the smaller
+    at_grid = np.maximum.accumulate(np.array(at_grid)[::-1])[::-1]
+    residual = np.ones(n + 1)
+    residual[1:] = at_grid[np.searchsorted(grid, np.arange(1, n + 1), side="right") - 1]
+    return residual
+
+
+def bases(
+    model: nn.Module,
+    plan: CollapsePlan,
+    free: set[str],
+    data: tuple,
+    held_out: tuple | None = None,
+    graph: fx.GraphModule | None = None,
+    strength: float = 1e-3,
+) -> list[Basis]:
+    acts = activations(model, plan, data, free, graph)
+    short = {key: len(a) for key, a in acts.items() if len(a) < max(MIN_SAMPLES, a.shape[1])}
+    if short:
+        raise CollapseError(
+            f"a basis of the activations needs at least {MIN_SAMPLES} samples and one per unit; got {short} "
+            "(give recorded rollouts, not an example input)"
+        )
+    held = activations(model, plan, held_out, free, graph) if held_out is not None else None
+    kinds = {layer.key: layer.kind for layer in plan.layers}
+    groups: dict[str, list[str]] = {}
+    for key, group in linked_groups(plan).items():
+        if key in free:
+            groups.setdefault(group, []).append(key)
+    return [
+        pivoted_basis(
+            [acts[k] for k in keys], None if held is None else [held[k] for k in keys], keys, kinds[keys[0]], strength
+        )
+        for keys in groups.values()
+    ]
+
+
+def apply_widths(plan: CollapsePlan, found: list[Basis], widths: list[int]) -> dict[str, np.ndarray]:
+    """Relabel `plan` with the bases cut to `widths`; returns the kept units per layer (for `keep`)."""
+    kept, partitions = {}, {}
+    for basis, width in zip(found, widths, strict=True):
+        units, labels = basis.labels(width)
+        for key in basis.keys:
+            kept[key], partitions[key] = units, labels
+    for key, units in plan.units().items():
+        if key not in kept:
+            kept[key] = np.arange(units.n)
+            partitions[key] = np.arange(units.n)
+    plan.relabel(partitions)
+    return kept
+
+
+def widths_at(found: list[Basis], rank_tol: RankTol, scale: float) -> list[int]:
+    tolerances = rank_tol.scaled(scale)
+    return [basis.width(tolerances[basis.kind]) for basis in found]
+
+
+def scale_for_params(plan: CollapsePlan, found: list[Basis], rank_tol: RankTol, fraction: float) -> float:
+    """The smallest scale of `rank_tol` whose plan keeps at most `fraction` of the parameters."""
+
+    def kept(scale: float) -> float:
+        apply_widths(plan, found, widths_at(found, rank_tol, scale))
+        return plan.kept_fraction
+
+    low, high = 1e-6, 1.0 / min(rank_tol.model_dump().values())  # at `high` every tolerance is 1: one unit each
+    if kept(high) > fraction:
+        raise CollapseError(
+            f"budget.params={fraction}: even one unit per layer keeps {plan.kept_fraction:.1%} of the parameters"
+        )
+    if kept(low) <= fraction:
+        return low
+    for _ in range(60):
+        middle = float(np.sqrt(low * high))
+        low, high = (low, middle) if kept(middle) <= fraction else (middle, high)
+    return high
+
+
+def select_basis(
+    model: nn.Module,
+    data: tuple,
+    spec: ModelSpec | None = None,
+    rank_tol: RankTol | None = None,
+    params: float | None = None,
+    held_out: tuple | None = None,
+    graph: fx.GraphModule | None = None,
+) -> tuple[CollapsePlan, dict[str, np.ndarray], dict]:
+    """Choose, per layer, a basis of the activations on `data` (recorded inputs of the model, at least
+    `MIN_SAMPLES` samples), its width judged on `held_out` (inputs of other rollouts; without them, on `data`):
+    as wide as `rank_tol` asks or, with `params`, as wide as keeps at most that fraction of the parameters
+    (one scale on every kind's tolerance). Pure. Returns the plan, the kept units per layer (apply with
+    `keep`, then `refit`) and the tolerances used."""
+    rank_tol = rank_tol or RankTol()
+    data = tuple(data) if isinstance(data, tuple | list) else (data,)
+    plan, free = structure(model, data, spec, graph)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        found = bases(model, plan, free, data, held_out, graph)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    scale = 1.0 if params is None else scale_for_params(plan, found, rank_tol, params)
+    kept = apply_widths(plan, found, widths_at(found, rank_tol, scale))
+    chosen = {"rank_tol": rank_tol.scaled(scale), "scale": scale}
+    return plan, kept, chosen
