@@ -1,20 +1,24 @@
-"""Collapse on the small arena: what a collapse costs in behaviour and reward, against random ablation.
+"""Closed loop on the small arena: does a collapse keep the reward the policy earned?
 
-A baseline trains the small arena (`experiments.recipes.collapse_arena.small`); then every arm branches from
-its checkpoint at epoch E (`collapse.init_from`), is collapsed (or cut), and trains `--after` more epochs.
-Arms: the default thresholds; the same with `optimizer_state=reset`; the scale-aware and exact metrics; the
-thresholds scaled down (the fidelity-versus-compression trade-off); and for each threshold setting the random
-ablation at identical widths. Reported per arm: parameters kept, KL mean/max and value error on recent
-observations, the collapse's wall time, training steps/s over the 5 epochs before (baseline) vs the 5 after,
-and mean reward over the 5 epochs before vs after (and the first epoch after the cut).
+Per seed, a baseline trains the small arena (`experiments.recipes.collapse_arena.small`, collapse off) to epoch E;
+every arm branches from its epoch-E checkpoint, is collapsed at `collapse.budget.params` (default 0.25), and trains
+`--after` more epochs. The continuation is the same checkpoint resumed uncollapsed, so every arm and the
+continuation restart their environments at E alike. Arms: the recipe's default units (basis) + refit, cosine +
+refit, cosine plain (the study's merge), random units + refit at the default's widths (the null model, same help).
 
-Wall-clock budget: about 4 minutes of baseline plus about 40 s per arm (13 arms) on 2 cores, ~13 minutes.
+Reported per arm and seed: parameters kept, the record's report-part KL mean / value error, the collapse's wall
+time, and mean `experience/rewards` over the epochs after the cut against the continuation's over the same epochs;
+then per arm the seed mean ± standard deviation of the difference. Passes if default + refit >= cosine plain and
+default + refit falls below the continuation by no more than the larger seed standard deviation of the two.
 
-    python benchmarks/collapse_arena.py [--epochs 80] [--collapse-epoch 60] [--after 10] [--out ...]
+Wall-clock budget on 2 cores: ~100 s of baseline per seed plus ~25 s per arm: about 10 minutes for 3 seeds.
+
+    python benchmarks/collapse_arena.py [--seeds 0 1 2] [--epochs 40] [--after 3] [--budget 0.25] [--out ...]
 """
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -24,120 +28,143 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `experiments` lives at the repository root
 
 from experiments.recipes import collapse_arena  # noqa: E402
+from metta_collapse.training.checkpoint import checkpoint_epochs  # noqa: E402
 from metta_collapse.training.config import apply_override  # noqa: E402
 from metta_collapse.training.metrics import read_metrics  # noqa: E402
 
-DEFAULT = {"linear": 0.7, "cnn": 0.5, "lstm": 1.0, "critic": 0.8}
-SCALES = [1.0, 0.5, 0.25, 0.1]
-
-
-def arms() -> list[tuple[str, dict[str, str]]]:
-    result = []
-    for scale in SCALES:
-        thresholds = {f"collapse.thresholds.{k}": str(round(v * scale, 4)) for k, v in DEFAULT.items()}
-        label = "default" if scale == 1.0 else f"thresholds x{scale}"
-        result.append((label, thresholds))
-        result.append((f"{label}, random ablation", thresholds | {"collapse.mode": "random_ablation"}))
-    result.append(("default, optimizer_state=reset", {"collapse.optimizer_state": "reset"}))
-    result.append(("scale_aware", {"collapse.metric": "scale_aware"}))
-    result.append(
-        ("scale_aware, random ablation", {"collapse.metric": "scale_aware", "collapse.mode": "random_ablation"})
-    )
-    result.append(("exact", {"collapse.metric": "exact"}))
-    return result
+ARMS = {
+    "default units + refit": {},
+    "cosine + refit": {"collapse.metric": "cosine"},
+    "cosine plain": {"collapse.metric": "cosine", "collapse.refit": "false"},
+    "random units + refit": {"collapse.mode": "random_ablation"},
+    # what Adam's moments should become for refitted rows: mapped (the default) or started afresh
+    "default + refit, Adam reset": {"collapse.optimizer_state": "reset"},
+}
 
 
 def run(train_dir: str, run_name: str, overrides: dict[str, str]) -> Path:
     tool = collapse_arena.small(run_name)
-    for key, value in {
-        "train_dir": train_dir,
-        "wandb.enabled": "false",
-        "trainer.checkpoint.wandb_checkpoint_interval": "0",
-        **overrides,
-    }.items():
+    for key, value in {"train_dir": train_dir, "wandb.enabled": "false", **overrides}.items():
         apply_override(tool, key, value)
     tool.invoke()
     return Path(train_dir) / tool.run
 
 
-def mean(values: list[float]) -> float:
-    return statistics.fmean(values) if values else float("nan")
+def rewards_after(run_dir: Path, epoch: int, after: int) -> float:
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    return statistics.fmean(m["experience/rewards"] for m in metrics if epoch < m["metric/epoch"] <= epoch + after)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=80, help="baseline epochs")
-    parser.add_argument("--collapse-epoch", type=int, default=60)
-    parser.add_argument("--after", type=int, default=10, help="epochs each arm trains after the cut")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=40, help="baseline epochs before the cut")
+    parser.add_argument("--after", type=int, default=3, help="epochs each arm trains after the cut")
+    parser.add_argument("--budget", type=float, default=0.25, help="collapse.budget.params of every arm")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/collapse_arena.json"))
     args = parser.parse_args()
     start = time.time()
+    epoch_steps = collapse_arena.small().trainer.batch_size
+    total = str((args.epochs + args.after) * epoch_steps)
+    rows = []
     with tempfile.TemporaryDirectory() as train_dir:
-        epoch_steps = collapse_arena.small().trainer.batch_size
-        base = run(
-            train_dir,
-            "base",
-            {
-                "collapse.enabled": "false",
-                "trainer.total_timesteps": str(args.epochs * epoch_steps),
-                "trainer.checkpoint.checkpoint_interval": str(args.collapse_epoch),
-            },
-        )
-        baseline = read_metrics(base / "metrics.jsonl")
-        before = [m for m in baseline if args.collapse_epoch - 5 < m["metric/epoch"] <= args.collapse_epoch]
-        rows = []
-        for index, (label, overrides) in enumerate(arms()):
-            branch = run(
+        for seed in args.seeds:
+            base = f"base{seed}"
+            run(
                 train_dir,
-                f"arm{index}",
-                overrides
-                | {
-                    "collapse.init_from": "base",
-                    "collapse.epoch_idx": str(args.collapse_epoch),
-                    "trainer.total_timesteps": str((args.collapse_epoch + args.after) * epoch_steps),
-                    "collapse.seed": "1",
+                base,
+                {
+                    "seed": str(seed),
+                    "collapse.enabled": "false",
+                    "trainer.total_timesteps": str(args.epochs * epoch_steps),
+                    "trainer.checkpoint.checkpoint_interval": str(args.epochs),
                 },
             )
-            record = json.loads((branch / "collapse.json").read_text())
-            after = [m for m in read_metrics(branch / "metrics.jsonl") if m["metric/epoch"] > args.collapse_epoch]
-            rows.append(
-                {
-                    "arm": label,
-                    "run": branch.name,
-                    "params_kept": record["params_after"] / record["params_before"],
-                    "params_after": record["params_after"],
-                    "kl_mean": record["kl_mean"],
-                    "kl_max": record["kl_max"],
-                    "value_err": record["value_err"],
-                    "collapse_seconds": record["seconds"],
-                    "sps_before": mean([m["overview/sps"] for m in before]),
-                    "sps_after": mean([m["overview/sps"] for m in after[:5]]),
-                    "reward_before": mean([m["experience/rewards"] for m in before]),
-                    "reward_first_after": after[0]["experience/rewards"] if after else float("nan"),
-                    "reward_after": mean([m["experience/rewards"] for m in after[:5]]),
-                    "widths": {layer["name"]: layer["width_after"] for layer in record["layers"]},
-                }
+            source = checkpoint_epochs(Path(train_dir) / base / "checkpoints", base)[args.epochs]
+            continuation = Path(train_dir) / f"cont{seed}"
+            (continuation / "checkpoints").mkdir(parents=True)
+            shutil.copy(source, continuation / "checkpoints" / source.name.replace(base, f"cont{seed}", 1))
+            shutil.copy(Path(train_dir) / base / "metrics.jsonl", continuation / "metrics.jsonl")
+            run(
+                train_dir,
+                f"cont{seed}",
+                {"seed": str(seed), "collapse.enabled": "false", "trainer.total_timesteps": total},
             )
-            print(f"{label}: done ({time.time() - start:.0f}s)", flush=True)
-    header = (
-        f"{'arm':<36} {'kept':>6} {'KL mean':>9} {'KL max':>9} {'val err':>8} {'cut s':>6} "
-        f"{'sps b/a':>13} {'reward before':>13} {'1st after':>9} {'after':>8} {'ratio':>6}"
-    )
+            reference = rewards_after(continuation, args.epochs, args.after)
+            for arm, overrides in ARMS.items():
+                branch = run(
+                    train_dir,
+                    f"s{seed}_{len(rows)}",
+                    overrides
+                    | {
+                        "seed": str(seed),
+                        "collapse.seed": str(seed),
+                        "collapse.init_from": base,
+                        "collapse.epoch_idx": str(args.epochs),
+                        "collapse.budget.params": str(args.budget),
+                        "trainer.total_timesteps": total,
+                    },
+                )
+                record = json.loads((branch / "collapse.json").read_text())
+                reward = rewards_after(branch, args.epochs, args.after)
+                rows.append(
+                    {
+                        "arm": arm,
+                        "seed": seed,
+                        "params_kept": record["params_after"] / record["params_before"],
+                        "kl_mean": record["kl_mean"],
+                        "value_err": record["value_err"],
+                        "collapse_seconds": record["seconds"],
+                        "reward_after": reward,
+                        "continuation": reference,
+                        "difference": reward - reference,
+                        "widths": {layer["name"]: layer["width_after"] for layer in record["layers"]},
+                    }
+                )
+                print(
+                    f"seed {seed}, {arm}: {reward:.5f} vs {reference:.5f} ({time.time() - start:.0f}s)",
+                    flush=True,
+                )
+    summary = {}
+    header = f"{'arm':<24} {'kept':>6} {'KL mean':>9} {'val err':>8} {'cut s':>6} {'reward after':>16} {'- continuation':>18}"
     print("\n" + header + "\n" + "-" * len(header))
-    for r in rows:
+    for arm in ARMS:
+        mine = [r for r in rows if r["arm"] == arm]
+        rewards, differences = [r["reward_after"] for r in mine], [r["difference"] for r in mine]
+        spread = statistics.stdev(rewards) if len(rewards) > 1 else float("nan")
+        summary[arm] = {
+            "reward_mean": statistics.fmean(rewards),
+            "reward_std": spread,
+            "difference_mean": statistics.fmean(differences),
+            "difference_std": statistics.stdev(differences) if len(differences) > 1 else float("nan"),
+        }
         print(
-            f"{r['arm']:<36} {r['params_kept']:>6.1%} {r['kl_mean']:>9.2e} {r['kl_max']:>9.2e} "
-            f"{r['value_err']:>8.2f} {r['collapse_seconds']:>6.2f} {r['sps_before']:>6.0f}/{r['sps_after']:<6.0f} "
-            f"{r['reward_before']:>13.5f} {r['reward_first_after']:>9.5f} {r['reward_after']:>8.5f} "
-            f"{r['reward_after'] / r['reward_before']:>6.2f}"
+            f"{arm:<24} {statistics.fmean(r['params_kept'] for r in mine):>6.1%} "
+            f"{statistics.fmean(r['kl_mean'] for r in mine):>9.2e} {statistics.fmean(r['value_err'] for r in mine):>8.3f} "
+            f"{statistics.median(r['collapse_seconds'] for r in mine):>6.1f} "
+            f"{summary[arm]['reward_mean']:>8.5f} ± {spread:<7.5f} "
+            f"{summary[arm]['difference_mean']:>+9.5f} ± {summary[arm]['difference_std']:<7.5f}"
         )
+    continuations = [r["continuation"] for r in rows if r["arm"] == "default units + refit"]
+    default, plain = summary["default units + refit"], summary["cosine plain"]
+    continuation_std = statistics.stdev(continuations) if len(continuations) > 1 else float("nan")
+    verdict = {
+        "default_at_least_cosine_plain": default["reward_mean"] >= plain["reward_mean"],
+        "default_within_spread_of_continuation": -default["difference_mean"]
+        <= max(default["reward_std"], continuation_std),
+    }
+    print(f"continuation {statistics.fmean(continuations):.5f} ± {continuation_std:.5f}; {verdict}")
     result = {
+        "seeds": args.seeds,
         "baseline_epochs": args.epochs,
-        "collapse_epoch": args.collapse_epoch,
         "after_epochs": args.after,
+        "budget_params": args.budget,
         "epoch_agent_steps": epoch_steps,
         "wall_seconds": time.time() - start,
-        "arms": rows,
+        "continuation": {"mean": statistics.fmean(continuations), "std": continuation_std},
+        "summary": summary,
+        "verdict": verdict,
+        "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -64,9 +64,7 @@ def measure_reward(policy: FastPolicy | None, agent_steps: int, seed: int) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="wall-clock budget for training")
     parser.add_argument("--eval-steps", type=int, default=100_000, help="agent-steps measured per policy")
     parser.add_argument("--seed", type=int, default=0)
@@ -99,9 +97,7 @@ def main() -> None:
                 "reward_per_step": m["experience/rewards"],
                 "sps": m["overview/sps"],
             }
-            for m in map(
-                json.loads, (Path(train_dir) / "learning" / "metrics.jsonl").read_text().splitlines()
-            )
+            for m in map(json.loads, (Path(train_dir) / "learning" / "metrics.jsonl").read_text().splitlines())
         ]
 
     policy = final.policy.eval()

@@ -2,6 +2,7 @@
 the refit work from. The graph may be the one of the original model while the modules and parameters are
 taken from another, collapsed one (same names), so one graph serves both."""
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,11 +18,13 @@ class _Stop(Exception):
 
 class Recorder(fx.Interpreter):
     """Runs `graph` with the modules and tensors of `model`; keeps the inputs and the output of `nodes` and
-    stops once it has them all."""
+    stops once it has them all. `before(node, args)`, if given, runs before each of `nodes` executes (and may
+    change the weights it is about to use)."""
 
-    def __init__(self, graph: fx.GraphModule, model: nn.Module, nodes: set[str]):
+    def __init__(self, graph: fx.GraphModule, model: nn.Module, nodes: set[str], before: Callable | None = None):
         super().__init__(graph)
-        self.model, self.nodes = model, nodes
+        self.extra_traceback = False  # the early stop is an exception; annotating it costs a second
+        self.model, self.nodes, self.before = model, nodes, before
         self.seen: dict[str, tuple[tuple, Any]] = {}
 
     def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
@@ -32,6 +35,8 @@ class Recorder(fx.Interpreter):
         return getattr(self.model.get_submodule(module_name), attribute)
 
     def run_node(self, node: fx.Node) -> Any:
+        if node.name in self.nodes and self.before is not None:
+            self.before(node, fx.node.map_arg(node.args, lambda n: self.env[n]))
         value = super().run_node(node)
         if node.name in self.nodes:
             args = fx.node.map_arg(node.args, lambda n: self.env[n])
@@ -41,9 +46,11 @@ class Recorder(fx.Interpreter):
         return value
 
 
-def record(graph: fx.GraphModule, model: nn.Module, inputs: tuple, nodes: set[str]) -> dict[str, tuple[tuple, Any]]:
+def record(
+    graph: fx.GraphModule, model: nn.Module, inputs: tuple, nodes: set[str], before: Callable | None = None
+) -> dict[str, tuple[tuple, Any]]:
     """{node name: (its arguments, its output)} for `nodes`, running `graph` with `model`'s weights."""
-    recorder = Recorder(graph, model, set(nodes))
+    recorder = Recorder(graph, model, set(nodes), before)
     if nodes:
         with torch.no_grad():
             try:

@@ -33,18 +33,22 @@ class Basis:
     kind: str
     order: np.ndarray
     residual: np.ndarray  # residual[k], k = 0..n
-    similarity: np.ndarray  # |cosine| between the units' centred activations
+    gram: np.ndarray  # of the centred activations
+    norms: np.ndarray  # the square roots of its diagonal
 
     def width(self, tolerance: float) -> int:
         return max(1, int(np.argmax(self.residual <= tolerance)))
 
-    def labels(self, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """The kept units (sorted) and every unit's label: a kept unit its position, another the kept unit its
-        activations are most similar to (what it is folded into)."""
+    def labels(self, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The kept units (sorted), every unit's label — a kept unit its position, another the kept unit its
+        activations correlate with most (what it is folded into) — and the regression coefficient of each unit
+        on its label's unit (1 for a kept unit and for an exact copy)."""
         kept = np.sort(self.order[:width])
-        labels = np.argmax(self.similarity[kept], axis=0)
-        labels[kept] = np.arange(width)
-        return kept, labels
+        correlation = self.gram / self.norms[:, None] / self.norms[None, :]
+        labels = np.argmax(np.abs(correlation[kept]), axis=0)
+        scales = self.gram[kept[labels], np.arange(len(labels))] / self.norms[kept[labels]] ** 2
+        labels[kept], scales[kept] = np.arange(width), 1.0
+        return kept, labels, scales
 
 
 def structure(
@@ -82,51 +86,50 @@ def activations(
 def pivoted_basis(
     columns: list[torch.Tensor], held_out: list[torch.Tensor] | None, keys: list[str], kind: str, strength: float
 ) -> Basis:
-    """Pivoted QR of the centred activations, run on a square root of their Gram matrix (the same pivots at a
-    cost independent of the number of samples). The residual of keeping k units is that of the best ridge
-    reconstruction of every unit from them (the refit's), fitted on `columns` and measured on `held_out`:
-    on the data it was fitted on, a layer's span understates what other maps exercise."""
+    """The units in the order of a pivoted Cholesky factorisation of the centred activations' Gram matrix (the
+    pivots of a pivoted QR of the activations, at a cost independent of the number of samples: each next unit
+    is the one least explained by those before it). The residual of keeping k units is that of the best
+    ridge reconstruction of every unit from them, fitted on `columns` and measured on `held_out`: on the data
+    it was fitted on, a layer's span understates what other maps exercise."""
     a = torch.cat([c.double() for c in columns], dim=0)
     mean = a.mean(0)
     gram = ((a - mean).T @ (a - mean)).numpy()
     n = gram.shape[0]
-    if np.trace(gram) <= 0.0:  # no unit varies: one is enough
-        return Basis(keys, kind, np.arange(n), np.zeros(n + 1), np.eye(n))
-    values, vectors = np.linalg.eigh(gram)
-    root = np.sqrt(np.clip(values, 0.0, None))[:, None] * vectors.T
-    order = scipy.linalg.qr(root, mode="r", pivoting=True)[1]
     norms = np.sqrt(np.clip(np.diag(gram), 1e-300, None))
-    similarity = np.abs(gram) / norms[:, None] / norms[None, :]
+    if np.trace(gram) <= 0.0:  # no unit varies: one is enough
+        return Basis(keys, kind, np.arange(n), np.zeros(n + 1), gram, norms)
+    _, pivots, _, _ = scipy.linalg.lapack.dpstrf(gram, lower=1)
+    order = pivots - 1
     test = gram
     if held_out is not None:
         b = torch.cat([c.double() for c in held_out], dim=0) - mean
         test = (b.T @ b).numpy()
-    return Basis(keys, kind, order, _residuals(gram, test, order, strength), similarity)
+    return Basis(keys, kind, order, _residuals(gram, test, order, strength), gram, norms)
 
 
 def _residuals(gram: np.ndarray, test: np.ndarray, order: np.ndarray, strength: float) -> np.ndarray:
-    """residual[k]: relative error of rebuilding every unit from the first k pivots by ridge regression fitted
-    on `gram`, on the data of `test` (both centred Gram matrices), at about 32 k's and k = n (interpolated
-    between them as the next larger k's value, so a width is never understated)."""
+    """residual[k]: the relative error, on the data of `test`, of rebuilding every unit from the first k pivots
+    by ridge regression fitted on `gram` (both centred Gram matrices); computed at every k up to 32 and at
+    about 24 k's beyond, between which a width counts as the smaller grid point (never understated)."""
     n = len(order)
     gram, test = gram[np.ix_(order, order)], test[np.ix_(order, order)]
     total = float(np.trace(test)) or 1.0
     lam = strength * float(np.trace(gram)) / n + 1e-12
-    grid = np.unique(np.concatenate([np.geomspace(1, n, 32).round().astype(int), [n]]))
+    # the leading k x k block of this factor is the factor of the first k units' ridge Gram matrix
+    factor = scipy.linalg.cholesky(gram + lam * np.eye(n), lower=True)
+    grid = np.unique(np.concatenate([np.arange(1, min(n, 32) + 1), np.geomspace(32, n, 24).round().astype(int)]))
     at_grid = []
-    for k in grid:
-        if k == n:
-            at_grid.append(0.0)
-            continue
-        coefficients = scipy.linalg.solve(gram[:k, :k] + lam * np.eye(k), gram[:k, k:], assume_a="pos")
+    for k in grid[grid < n]:
+        coefficients = scipy.linalg.cho_solve((factor[:k, :k], True), gram[:k, k:])
         error = (
             np.trace(test[k:, k:])
             - 2 * np.sum(coefficients * test[:k, k:])
             + np.sum(coefficients * (test[:k, :k] @ coefficients))
         )
         at_grid.append(np.sqrt(max(error, 0.0) / total))
-    # a width is accepted only if every larger one is too, and between grid points it counts as the smaller
-    at_grid = np.maximum.accumulate(np.array(at_grid)[::-1])[::-1]
+    grid = np.append(grid[grid < n], n)
+    # a width is accepted only if every larger one is too
+    at_grid = np.maximum.accumulate(np.array([*at_grid, 0.0])[::-1])[::-1]
     residual = np.ones(n + 1)
     residual[1:] = at_grid[np.searchsorted(grid, np.arange(1, n + 1), side="right") - 1]
     return residual
@@ -139,7 +142,7 @@ def bases(
     data: tuple,
     held_out: tuple | None = None,
     graph: fx.GraphModule | None = None,
-    strength: float = 1e-3,
+    strength: float = 1e-6,
 ) -> list[Basis]:
     acts = activations(model, plan, data, free, graph)
     short = {key: len(a) for key, a in acts.items() if len(a) < max(MIN_SAMPLES, a.shape[1])}
@@ -164,16 +167,16 @@ def bases(
 
 def apply_widths(plan: CollapsePlan, found: list[Basis], widths: list[int]) -> dict[str, np.ndarray]:
     """Relabel `plan` with the bases cut to `widths`; returns the kept units per layer (for `keep`)."""
-    kept, partitions = {}, {}
+    kept, partitions, scales = {}, {}, {}
     for basis, width in zip(found, widths, strict=True):
-        units, labels = basis.labels(width)
+        units, labels, scale = basis.labels(width)
         for key in basis.keys:
-            kept[key], partitions[key] = units, labels
+            kept[key], partitions[key], scales[key] = units, labels, scale
     for key, units in plan.units().items():
         if key not in kept:
             kept[key] = np.arange(units.n)
             partitions[key] = np.arange(units.n)
-    plan.relabel(partitions)
+    plan.relabel(partitions, scales)
     return kept
 
 
@@ -210,15 +213,17 @@ def select_basis(
     params: float | None = None,
     held_out: tuple | None = None,
     graph: fx.GraphModule | None = None,
+    example: tuple | None = None,
 ) -> tuple[CollapsePlan, dict[str, np.ndarray], dict]:
     """Choose, per layer, a basis of the activations on `data` (recorded inputs of the model, at least
     `MIN_SAMPLES` samples), its width judged on `held_out` (inputs of other rollouts; without them, on `data`):
     as wide as `rank_tol` asks or, with `params`, as wide as keeps at most that fraction of the parameters
-    (one scale on every kind's tolerance). Pure. Returns the plan, the kept units per layer (apply with
+    (one scale on every kind's tolerance). `example`: a small input for the weight-only analysis of the
+    layers (default: `data`). Pure. Returns the plan, the kept units per layer (apply with
     `keep`, then `refit`) and the tolerances used."""
     rank_tol = rank_tol or RankTol()
     data = tuple(data) if isinstance(data, tuple | list) else (data,)
-    plan, free = structure(model, data, spec, graph)
+    plan, free = structure(model, example or data, spec, graph)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:

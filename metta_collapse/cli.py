@@ -1,7 +1,9 @@
-"""`metta-collapse analyze|compare`: symmetry of a checkpoint or over a run's training; learning curves of runs.
+"""`metta-collapse analyze|frontier|compare`: symmetry of a checkpoint or over a run's training; the size/behaviour
+frontier of a checkpoint; learning curves of runs.
 
 metta-collapse analyze train_dir/base/checkpoints/base__e300__s...__sc0.pt --lstm 1.0
 metta-collapse analyze base --every 10            # writes train_dir/base/symmetry.json and symmetry.png
+metta-collapse frontier train_dir/base/checkpoints/base__e40__s...__sc0.pt --out plots/
 metta-collapse compare base c1 c1_ablation --smooth 20 --out plots/
 """
 
@@ -20,6 +22,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0.0 < value <= 1.0 for value in values):
+        raise argparse.ArgumentTypeError(f"each budget must be in (0, 1], got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--every", type=positive_int, default=1, help="for a run: every Nth checkpoint (and the last)")
     analyze.add_argument("--out", type=Path, help="for a run: output folder (default: the run directory)")
     analyze.set_defaults(handler=run_analyze)
+
+    frontier = commands.add_parser(
+        "frontier",
+        help="behaviour change against size for each choice of units, plain and refitted: to choose a budget",
+        description="Rolls a checkpoint's policy out in its arena (fit, select and report parts on different maps), "
+        "collapses copies of it at each budget.params with each choice of units, plain and with the refit, and "
+        "random units + refit at the basis's widths, and measures each on the report part: whole episodes from "
+        "zero state. Prints the table, writes frontier.json and frontier.png.",
+    )
+    frontier.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    frontier.add_argument("--arena", choices=["small", "full"], help="default: the one the checkpoint records")
+    frontier.add_argument(
+        "--budgets",
+        type=fractions,
+        default="0.9,0.6,0.45,0.3,0.2,0.15",
+        help="kept fractions of the parameters, comma-separated (default 0.9,0.6,0.45,0.3,0.2,0.15)",
+    )
+    frontier.add_argument("--seeds", type=positive_int, default=3, help="random units + refit: seeds (default 3)")
+    frontier.add_argument("--fit-steps", type=positive_int, default=6144, help="agent steps to fit on (default 6144)")
+    frontier.add_argument("--report-copies", type=positive_int, default=4, help="environment copies (default 4)")
+    frontier.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current directory)")
+    frontier.set_defaults(handler=run_frontier)
 
     compare = commands.add_parser(
         "compare",
@@ -124,6 +158,30 @@ def run_analyze(args: argparse.Namespace) -> None:
     print(f"run {curve['run']}: what a collapse ({report.describe_config(config)}) would keep")
     print(report.symmetry_table(curve))
     print(f"wrote {out / 'symmetry.json'} and {out / 'symmetry.png'}")
+
+
+def run_frontier(args: argparse.Namespace) -> None:
+    from metta_collapse.training import frontier
+    from metta_collapse.training.config import ConfigError
+
+    if not args.checkpoint.is_file():
+        raise ConfigError(f"no checkpoint file {args.checkpoint}")
+    budgets = args.budgets if isinstance(args.budgets, tuple) else fractions(args.budgets)
+    result = frontier.frontier(
+        args.checkpoint,
+        args.arena,
+        budgets,
+        random_seeds=args.seeds,
+        fit_steps=args.fit_steps,
+        report_copies=args.report_copies,
+        progress=lambda line: print(line, file=sys.stderr),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "frontier.json").write_text(json.dumps(result, indent=1) + "\n")
+    frontier.plot_frontier(result).savefig(args.out / "frontier.png", dpi=120)
+    print(f"{args.checkpoint.name} (sha256 {result['sha256'][:16]}...), held-out: {result['report']}")
+    print(frontier.frontier_table(result))
+    print(f"wrote {args.out / 'frontier.json'} and {args.out / 'frontier.png'}")
 
 
 def run_compare(args: argparse.Namespace) -> None:

@@ -64,7 +64,7 @@ def behaviour_change(
 ) -> dict[str, float]:
     """KL(old || new) of the action distributions, the largest value change relative to the largest value
     (max|Δv| / max|v|), and how often the most likely action stays the same."""
-    (old_logits, old_values), (new_logits, new_values) = before, after
+    (old_logits, old_values), (new_logits, new_values) = ((t.double() for t in pair) for pair in (before, after))
     old_log_p, new_log_p = torch.log_softmax(old_logits, -1), torch.log_softmax(new_logits, -1)
     kl = (old_log_p.exp() * (old_log_p - new_log_p)).sum(-1)
     scale = old_values.abs().max().clamp_min(1e-8)
@@ -88,6 +88,7 @@ class Data:
     select: tuple | None = None
     select_behaviour: Behaviour | None = None
     description: str = ""
+    example: tuple | None = None  # a small input for the weight-only analysis (default: `fit`)
 
 
 class Sizer:
@@ -97,7 +98,7 @@ class Sizer:
     def __init__(self, module: nn.Module, data: Data, spec: ModelSpec, config: CollapseConfig):
         self.module, self.data, self.spec, self.config = module, data, spec, config
         if config.metric == "basis":
-            self.structure, free = structure(module, data.fit, spec, None)
+            self.structure, free = structure(module, data.example or data.fit, spec, None)
             self.bases = bases(module, self.structure, free, data.fit, data.select)
 
     @property
@@ -117,7 +118,8 @@ class Sizer:
             return plan, kept, {"rank_tol": tolerances}
         thresholds = {kind: min(2.0, value * scale) for kind, value in c.thresholds.model_dump().items()}
         scaled = c.model_copy(update={"thresholds": Thresholds(**thresholds)})
-        return analyze(self.module, self.data.fit, scaled, self.spec), None, {"thresholds": thresholds}
+        plan = analyze(self.module, self.data.example or self.data.fit, scaled, self.spec)
+        return plan, None, {"thresholds": thresholds}
 
     def for_params(self, fraction: float) -> float:
         """The smallest scale whose plan keeps at most `fraction` of the parameters."""
@@ -191,11 +193,13 @@ def collapse_live(
     rewritten layers are refitted on `data.fit` (`refit_weights`). `after_rewrite(plan)` updates what the policy
     keeps beside its parameters (size attributes, copies of weights). On any failure the policy, the optimizer
     and the buffers are exactly as before and the error propagates."""
-    start = time.perf_counter()
     budget = budget or Budget()
     module = policy.get_submodule(target)
+    start = time.perf_counter()
     with torch.no_grad():
         before = data.report(policy)
+    measuring = time.perf_counter() - start
+    start = time.perf_counter()
     sizer = Sizer(module, data, spec, config)
     original = copy.deepcopy(module)
     scale = 1.0
@@ -238,6 +242,7 @@ def collapse_live(
             seconds = time.perf_counter() - start
             with torch.no_grad():
                 change = behaviour_change(before, data.report(policy))
+            measuring += time.perf_counter() - start - seconds
             if not all(math.isfinite(value) for value in change.values()):
                 raise CollapseError(f"the collapsed policy's behaviour is not finite: {change}")
     except BaseException:
@@ -256,7 +261,7 @@ def collapse_live(
         "params_before": params_before,
         "params_after": sum(p.numel() for p in policy.parameters()),
         "seconds": seconds,
-        "seconds_record": time.perf_counter() - start - seconds,
+        "seconds_record": measuring,
         **change,
         "measured_on": data.description,
         "refitted": [layer["name"] for layer in fitted.get("layers", [])],

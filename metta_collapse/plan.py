@@ -20,6 +20,10 @@ class Space:
 
     def labels(self) -> np.ndarray: ...
 
+    def scales(self) -> np.ndarray:
+        """Per unit, the multiple of its label's unit it stands for when folded (1: a copy)."""
+        return np.ones(self.n)
+
     def select(self, kept: Kept) -> np.ndarray:
         """Indices of the units a random ablation keeps, given the kept units of every layer."""
 
@@ -52,9 +56,13 @@ class Units(Space):
     key: str
     n: int
     partition: np.ndarray
+    scale: np.ndarray | None = None
 
     def labels(self) -> np.ndarray:
         return self.partition
+
+    def scales(self) -> np.ndarray:
+        return np.ones(self.n) if self.scale is None else self.scale
 
     def select(self, kept: Kept) -> np.ndarray:
         return kept(self.key)
@@ -86,6 +94,9 @@ class Flattened(Space):
     def select(self, kept: Kept) -> np.ndarray:
         return self._expand(self.channels.select(kept))
 
+    def scales(self) -> np.ndarray:
+        return np.repeat(self.channels.scales(), self.positions)
+
     def refine(self, labels: np.ndarray, demand: Demand) -> None:
         per_position = np.asarray(labels).reshape(self.channels.n, self.positions)
         self.channels.refine(canonical(*per_position.T), demand)
@@ -115,6 +126,9 @@ class Joined(Space):
     def select(self, kept: Kept) -> np.ndarray:
         return self._offsets([part.select(kept) for part in self.parts], [part.n for part in self.parts])
 
+    def scales(self) -> np.ndarray:
+        return np.concatenate([part.scales() for part in self.parts])
+
     def refine(self, labels: np.ndarray, demand: Demand) -> None:
         for part, piece in zip(self.parts, np.split(labels, np.cumsum([p.n for p in self.parts])[:-1]), strict=True):
             part.refine(canonical(piece), demand)
@@ -141,6 +155,9 @@ class Gated(Space):
     def select(self, kept: Kept) -> np.ndarray:
         chosen = self.hidden.select(kept)
         return np.concatenate([chosen + block * self.hidden.n for block in range(self.blocks)])
+
+    def scales(self) -> np.ndarray:
+        return np.tile(self.hidden.scales(), self.blocks)
 
     def units(self) -> Iterator[Units]:
         return self.hidden.units()
@@ -213,6 +230,7 @@ class CollapsePlan:
     # set when the plan is applied: {old name: (new name, old tensor)}, and the units an ablation kept
     replaced: dict | None = field(default=None, repr=False)
     kept: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    fold: bool = field(default=False, repr=False)
 
     def units(self) -> dict[str, Units]:
         """Every layer's units the plan rewrites, by key."""
@@ -220,12 +238,13 @@ class CollapsePlan:
         used += [space for state in self.states.values() for space in state.spaces]
         return {units.key: units for space in used for units in space.units()}
 
-    def relabel(self, partitions: dict[str, np.ndarray]) -> None:
+    def relabel(self, partitions: dict[str, np.ndarray], scales: dict[str, np.ndarray] | None = None) -> None:
         """Give layers new partitions (e.g. the units a selection keeps, the others labelled with the kept unit
-        they fold into) and update the widths and parameter count."""
+        they fold into, as that unit times `scales`) and update the widths and parameter count."""
         units = self.units()
         for key, labels in partitions.items():
             units[key].partition = np.asarray(labels, dtype=np.int64)
+            units[key].scale = None if scales is None else scales.get(key)
         for module, keys in self.lstm_layers.items():
             # layers of different widths no longer fit one nn.LSTM: it becomes an LSTMStack
             stacked = len({count(units[key].partition) for key in keys if key in units}) > 1

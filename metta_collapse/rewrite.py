@@ -5,7 +5,8 @@ Every map works one axis at a time. With S the 0/1 fiber membership and s the fi
   exp_avg (= Eᵀ) "out" axis: sum                              "in" axis: mean
   exp_avg_sq     "out" axis: s² · mean                        "in" axis: mean
   z              like the weights: schedule-free optimizers keep an iterate in parameter space
-A random ablation index-selects the kept units on every axis instead, weights and state alike."""
+A random ablation index-selects the kept units on every axis instead, weights and state alike; `keep` with
+`fold` (a basis of the activations) sums input columns of dropped units into the kept unit they are labelled with."""
 
 import contextlib
 from collections.abc import Iterator
@@ -94,8 +95,16 @@ def map_collapsed(tensor: torch.Tensor, axes: list[AxisMap], quantity: Quantity)
     return tensor
 
 
-def map_selected(tensor: torch.Tensor, axes: list[AxisMap], kept: dict) -> torch.Tensor:
+def map_selected(tensor: torch.Tensor, axes: list[AxisMap], kept: dict, fold: bool = False) -> torch.Tensor:
+    """Index-select the kept units on every axis; with `fold`, an input axis instead adds each dropped unit's
+    column, times its scale, into the kept unit its label names (what the unit is folded into)."""
     for axis_map in axes:
+        if fold and axis_map.role == "in":
+            view = [1] * tensor.ndim
+            view[axis_map.axis] = axis_map.space.n
+            scales = torch.as_tensor(axis_map.space.scales(), dtype=tensor.dtype, device=tensor.device)
+            tensor = _reduce(tensor * scales.reshape(view), axis_map.axis, axis_map.space.labels(), mean=False)
+            continue
         index = torch.as_tensor(axis_map.space.select(kept.__getitem__), device=tensor.device)
         tensor = tensor.index_select(axis_map.axis, index)
     return tensor
@@ -175,7 +184,11 @@ def _rewrite(model: nn.Module, plan: CollapsePlan, kept: dict | None) -> dict[st
     with torch.no_grad():
         for param in plan.params.values():
             module, attribute, old = _tensor(model, param.name)
-            new = map_selected(old, param.axes, kept) if kept is not None else map_collapsed(old, param.axes, "weight")
+            new = (
+                map_selected(old, param.axes, kept, plan.fold)
+                if kept is not None
+                else map_collapsed(old, param.axes, "weight")
+            )
             if isinstance(old, nn.Parameter):
                 setattr(module, attribute, nn.Parameter(new.contiguous(), requires_grad=old.requires_grad))
             else:
@@ -340,14 +353,21 @@ def ablate(
 ) -> nn.Module:
     """The random-ablation null model, in place: every layer cut to the plan's width, keeping randomly chosen
     units with their trained weights (and optimizer state, index-selected)."""
-    return keep(model, plan, random_selection(plan, seed), optimizer)
+    return keep(model, plan, random_selection(plan, seed), optimizer, fold=False)
 
 
 def keep(
-    model: nn.Module, plan: CollapsePlan, kept: dict[str, np.ndarray], optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module,
+    plan: CollapsePlan,
+    kept: dict[str, np.ndarray],
+    optimizer: torch.optim.Optimizer | None = None,
+    fold: bool = True,
 ) -> nn.Module:
     """Cut every layer to the units `kept[key]` (sorted indices; widths as the plan's), in place: trained weights
-    and optimizer state index-selected — all or nothing."""
+    and optimizer state index-selected, all or nothing. With `fold`, each dropped unit's outgoing weights are
+    added to those of the kept unit the plan labels it with (as `select_basis` does), an exact merge where it
+    is a copy of that unit."""
+    plan.fold = fold
     _apply(model, plan, optimizer, kept)
     plan.kept = kept
     return model

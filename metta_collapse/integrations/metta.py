@@ -191,7 +191,7 @@ def sync_param_layers(root: nn.Module, plan: mc.CollapsePlan) -> None:
         if weight is not None and getattr(layer, "initial_weights", None) is not None:
             anchor = layer.initial_weights
             layer.initial_weights = (
-                map_selected(anchor, weight.axes, plan.kept)
+                map_selected(anchor, weight.axes, plan.kept, plan.fold)
                 if plan.kept is not None
                 else map_collapsed(anchor, weight.axes, "weight")
             )

@@ -35,6 +35,7 @@ def save_checkpoint(
     wall_time: float,
     extra: dict | None = None,
     suffix: str = "",
+    arena: str | None = None,
 ) -> Path:
     """Write atomically (temporary file, then rename), so a killed run never leaves a torn checkpoint.
 
@@ -50,6 +51,7 @@ def save_checkpoint(
         "policy_state_dict": policy.state_dict(),
         "optimizer_state_dict": optimizer.state_dict(),
         "extra": extra or {},
+        "arena": arena,  # the training environment (small | full), for tools that roll the policy out
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)

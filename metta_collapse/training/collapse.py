@@ -3,6 +3,7 @@
 The policy's `core` (feature box -> heads) is what the engine analyses and rewrites; the live operation itself
 (`metta_collapse.live.collapse_live`) is shared with the Metta adapter."""
 
+import copy
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import torch
 from pydantic import Field
 
 import metta_collapse as mc
+from metta_collapse.basis import MIN_SAMPLES
 from metta_collapse.live import Data, PackedState, collapse_live
 from metta_collapse.training.checkpoint import (
     checkpoint_epochs,
@@ -67,6 +69,8 @@ class CollapseSection(Config):
     refit: bool = True
     # agent steps of experience the units are chosen and the refit solved on (topped up with fresh rollouts)
     fit_steps: int = Field(default=6144, ge=1)
+    # every this many epochs, log what a collapse would do now (symmetry/* metrics); 0: never
+    symmetry_interval: int = Field(default=0, ge=0)
     mode: Literal["fibration", "random_ablation", "scratch"] = "fibration"
     init_from: str | None = Field(default=None, pattern=r"^[\w.=+-]+$")
     optimizer_state: Literal["remap", "reset"] = "remap"
@@ -86,15 +90,20 @@ class CollapseSection(Config):
             )
         if len(given) > 1:
             raise ConfigError(f"the collapse's size is set twice ({' and '.join(given)}): give one of them")
-        if self.metric == "exact" and self.budget.params is not None or self.metric == "exact" and self.budget.kl:
+        if self.metric == "exact" and (self.budget.params is not None or self.budget.kl is not None):
             raise ConfigError("collapse.metric=exact merges exact copies only: it has no size to budget")
+        if self.metric == "basis" and self.fit_steps < MIN_SAMPLES:
+            raise ConfigError(
+                f"collapse.fit_steps={self.fit_steps}: a basis of the activations needs at least {MIN_SAMPLES} "
+                "agent steps"
+            )
 
     def engine_config(self) -> mc.CollapseConfig:
         return mc.CollapseConfig(thresholds=self.thresholds, metric=self.metric, rank_tol=self.rank_tol)
 
     def settings(self) -> dict:
         """Every field that shapes a branch or a collapse (the resume check compares them)."""
-        return self.model_dump(exclude={"enabled", "init_from", "epoch_idx"})
+        return self.model_dump(exclude={"enabled", "init_from", "epoch_idx", "symmetry_interval"})
 
     def branch_name(self) -> str:
         """The study's names, {src}_epoch_{E}_{base|ablationsrandom|small_scratch}_{linear}_{cnn}_{lstm}_{critic},
@@ -205,7 +214,17 @@ class CollapseTrainTool(TrainTool):
         if not scratch and source_metrics.exists():  # the branch shares the baseline's history up to the branch
             shared = [m for m in read_metrics(source_metrics) if m["metric/epoch"] <= epoch]
             (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in shared))
-        save_checkpoint(self.checkpoint_dir, self.run, policy, optimizer, epoch, step, wall, extra={"collapse": record})
+        save_checkpoint(
+            self.checkpoint_dir,
+            self.run,
+            policy,
+            optimizer,
+            epoch,
+            step,
+            wall,
+            extra={"collapse": record},
+            arena=self.training_env.arena,
+        )
         write_json(self.run_dir / "collapse.json", record)
         print_record(record)
 
@@ -261,13 +280,15 @@ class CollapseTrainTool(TrainTool):
             select=core_inputs(policy, select),
             select_behaviour=lambda p: p(select, {}),
             description=f"report part: {steps:,} agent steps ({where}; segments of {horizon} from zero state)",
+            example=core_inputs(policy),
         )
 
     def rollout_segments(self, policy: FastPolicy, copies: int, seed: int) -> torch.Tensor:
-        """Fresh rollouts of `copies` environment copies, 512 steps an agent, as (segments, bptt_horizon, ...)."""
-        horizon = self.trainer.bptt_horizon
-        steps = max(1, math.ceil(512 / horizon)) * horizon
-        observations, _ = rollouts(policy, self.training_env.make_config(), copies, steps, seed)
+        """Fresh rollouts of `copies` environment copies, half of `collapse.fit_steps` each, as (segments,
+        bptt_horizon, ...)."""
+        horizon, env_cfg = self.trainer.bptt_horizon, self.training_env.make_config()
+        steps = math.ceil(self.collapse.fit_steps / 2 / env_cfg.game.num_agents / horizon) * horizon
+        observations, _ = rollouts(policy, env_cfg, copies, steps, seed)
         return observations.reshape(-1, horizon, *observations.shape[2:])
 
     def _check_same_branch(self) -> None:
@@ -286,11 +307,40 @@ class CollapseTrainTool(TrainTool):
         o = self.trainer.optimizer
         return torch.optim.Adam(policy.parameters(), lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps)
 
+    def epoch_data(self, state: "TrainerState") -> Data:
+        # PuffeRL fills rows agent by agent, all agents in step: row r holds agent r % agents
+        per_copy = self.training_env.make_config().game.num_agents
+        copies = torch.arange(len(state.observations)) % state.trainer.total_agents // per_copy
+        return self.collapse_data(state.policy, state.observations, copies, state.epoch)
+
+    def log_symmetry(self, state: "TrainerState") -> None:
+        """What a collapse with these settings would do now, on a copy of the policy: `symmetry/kept` (the
+        fraction of parameters at the knob or budget.kl), `symmetry/kl_mean`, `symmetry/value_err` (what it
+        would cost, e.g. at budget.params), measured on the report part."""
+        trial = copy.deepcopy(state.policy)
+        _, record = collapse_live(
+            trial,
+            "core",
+            self.epoch_data(state),
+            CORE_SPEC,
+            self.collapse.engine_config(),
+            torch.optim.Adam(trial.parameters()),
+            [],
+            refit_weights=self.collapse.refit,
+            budget=self.collapse.budget,
+        )
+        kept = record["params_after"] / record["params_before"]
+        state.metrics.update(
+            {"symmetry/kept": kept, **{f"symmetry/{k}": record[k] for k in ("kl_mean", "value_err", "top1")}}
+        )
+
     def on_epoch_end(self, state: "TrainerState") -> None:
         c = self.collapse
         done = state.extra.get("collapse")
         if done is not None and "source" in done and state.epoch == done["epoch"] + 1:
             state.metrics.update(collapse_metrics(done))  # a branch's record reaches the tracker here
+        if c.symmetry_interval and state.epoch % c.symmetry_interval == 0:
+            self.log_symmetry(state)
         if not c.enabled or done is not None or state.epoch < c.epoch_idx:
             return
         trainer = state.trainer
@@ -303,12 +353,10 @@ class CollapseTrainTool(TrainTool):
             state.agent_step,
             state.metrics["metric/total_time"],
             suffix=PRE_COLLAPSE_SUFFIX,
+            arena=self.training_env.arena,
         )
         policy = state.policy
-        # PuffeRL fills rows agent by agent, all agents in step: row r holds agent r % agents
-        per_copy = self.training_env.make_config().game.num_agents
-        copies = torch.arange(len(state.observations)) % trainer.total_agents // per_copy
-        data = self.collapse_data(policy, state.observations, copies, state.epoch)
+        data = self.epoch_data(state)
         buffers = [
             PackedState(holder, key, STATE_PARTS[name])
             for name, holder in (("lstm_h", trainer.lstm_h), ("lstm_c", trainer.lstm_c))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pufferlib
 from pydantic import Field
 
+import metta_collapse as mc
 from metta_collapse.training.collapse import CollapseTrainTool, write_json
 from metta_collapse.training.config import Tool
 from metta_collapse.training.metrics import read_metrics
@@ -31,8 +32,13 @@ class SweepTool(Tool):
     trial: CollapseTrainTool = Field(default_factory=CollapseTrainTool)
 
     def search_space(self) -> dict:
-        uniform = {"distribution": "uniform", "min": 0.0, "max": 2.0, "scale": "auto"}
-        space = {"thresholds": {kind: uniform | {"mean": mean} for kind, mean in THRESHOLD_DEFAULTS.items()}}
+        """The trial's own knob: the thresholds of a weight metric, or the basis's rank tolerances."""
+        if self.trial.collapse.metric == "basis":
+            log = {"distribution": "log_normal", "min": 1e-3, "max": 0.5, "scale": "auto"}
+            space = {"rank_tol": {kind: log | {"mean": mean} for kind, mean in mc.RankTol().model_dump().items()}}
+        else:
+            uniform = {"distribution": "uniform", "min": 0.0, "max": 2.0, "scale": "auto"}
+            space = {"thresholds": {kind: uniform | {"mean": mean} for kind, mean in THRESHOLD_DEFAULTS.items()}}
         if self.search_epoch_idx:
             space["epoch_idx"] = {
                 "distribution": "int_uniform",
@@ -58,7 +64,7 @@ class SweepTool(Tool):
             tool.seed = self.seed
             for path, value in values.items():
                 section, *rest = path.split("/")[1:]
-                target = tool.collapse.thresholds if section == "thresholds" else tool.collapse
+                target = getattr(tool.collapse, section) if rest else tool.collapse
                 setattr(target, rest[0] if rest else section, round(value, 4) if isinstance(value, float) else value)
             start = time.time()
             tool.invoke()

@@ -218,6 +218,7 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
                     trainer.global_step,
                     wall_time,
                     extra=state.extra,
+                    arena=tool.training_env.arena,
                 )
                 if ckpt.wandb_checkpoint_interval and (done or trainer.epoch % ckpt.wandb_checkpoint_interval == 0):
                     logger.log_checkpoint(path)

@@ -1,6 +1,7 @@
 """The Metta adapter: its own logic on plain-torch stand-ins of Metta's `fast` policies (always), Metta itself
 when importable."""
 
+import copy
 import importlib
 import sys
 from collections import defaultdict
@@ -727,3 +728,40 @@ def test_inside_metta_the_sweep_searches_override_paths_of_the_train_tool():
     for path, parameter in sweep.search_space.items():  # what a trial does: `./tools/run.py ... path=value`
         tool.override(path, int(parameter.max) if path.endswith("epoch_idx") else parameter.max)
     assert set(tool.collapse.thresholds.model_dump().values()) == {2.0} and tool.collapse.epoch_idx == 1000
+
+
+def test_a_september_stand_in_keeps_its_lstms_at_a_quarter_of_the_parameters():
+    """The study's policy with every gate bias at 1 (September's init): its default thresholds leave one unit per
+    LSTM layer; a basis of its activations at budget.params=0.25 keeps at least 8, and the refit beats the
+    plain cut on the same data."""
+    pytest.importorskip("mettagrid")
+    from metta_collapse.training.policy import tokens_to_box
+
+    torch.manual_seed(0)
+    model = ComponentFast()
+    with torch.no_grad():
+        for name, tensor in model.components._core_._net.named_parameters():
+            if name.startswith("bias"):
+                tensor.fill_(1.0)
+    prefix, layout = adapter.find_fast(model, "september")
+    chain = layout.chain(model.get_submodule(prefix))
+    g = torch.Generator().manual_seed(1)
+    coords = torch.randint(0, 11, (2048, 40, 2), generator=g)
+    tokens = torch.cat([coords[..., :1] * 16 + coords[..., 1:], torch.randint(0, 24, (2048, 40, 2), generator=g)], -1)
+    box = tokens_to_box(tokens.to(torch.uint8), torch.full((24,), 0.1), 11, 11, -1, 0)
+    zeros = torch.zeros(2, 2048, 128)  # every row one step of its own sequence, as the trainer's rows come
+    data = (box, zeros, zeros)
+    lstm = ("components._core_._net.l0", "components._core_._net.l1")
+    cosine = mc.analyze(chain, data, mc.CollapseConfig(), layout.spec)
+    assert [layer.width_after for layer in cosine.layers if layer.name in lstm] == [1, 1]
+    plan, kept, _ = mc.select_basis(chain, data, layout.spec, params=0.25)
+    assert plan.kept_fraction <= 0.25
+    assert all(layer.width_after >= 8 for layer in plan.layers if layer.name in lstm)
+    original, plain = copy.deepcopy(chain), copy.deepcopy(chain)
+    mc.keep(plain, plan, kept)
+    mc.keep(chain, plan, kept)
+    mc.refit(chain, original, plan, data)
+    small = (box, *(mc.map_state(plan, name, zeros, kept) for name in ("h", "c")))
+    with torch.no_grad():
+        reference, refitted, merged = original(*data)[1], chain(*small)[1], plain(*small)[1]
+    assert (refitted - reference).abs().max() < (merged - reference).abs().max()

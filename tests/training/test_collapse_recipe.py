@@ -189,3 +189,63 @@ def test_a_branch_name_already_taken_by_other_settings_is_refused(tmp_path: Path
     collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2).invoke()  # the same branch resumes
     with pytest.raises(ConfigError, match="already exists as a branch with other collapse settings"):
         collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2, optimizer_state="reset").invoke()
+
+
+def test_the_size_is_set_by_exactly_one_knob(tmp_path: Path):
+    common = ["experiments.recipes.collapse_arena.train", f"train_dir={tmp_path}", "run=x"]
+    cases = {
+        ("collapse.thresholds.lstm=1.2",): "collapse.thresholds.* is not a knob of collapse.metric=basis",
+        ("collapse.metric=cosine", "collapse.rank_tol.lstm=0.1"): "collapse.rank_tol.* is not a knob of",
+        ("collapse.budget.params=0.3", "collapse.rank_tol.cnn=0.1"): "the collapse's size is set twice",
+        ("collapse.metric=cosine", "collapse.budget.kl=0.001", "collapse.thresholds.cnn=0.4"): "set twice",
+        ("collapse.metric=exact", "collapse.budget.params=0.5"): "it has no size to budget",
+        ("collapse.fit_steps=500",): "needs at least 1000 agent steps",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            build_tool([*common, *overrides]).invoke()
+    with pytest.raises(ConfigError, match="budget.params or budget.kl, not both"):
+        build_tool([*common, "collapse.budget.params=0.3", "collapse.budget.kl=0.01"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_refit_units_and_budget_name_the_branch_and_a_branch_never_resumes_another(tmp_path: Path):
+    baseline(tmp_path)
+    names = {}
+    for label, settings in {
+        "default": {},
+        "budget": {"budget": live.Budget(params=0.4)},
+        "plain": {"refit": False, "budget": live.Budget(params=0.4)},
+        "cosine": {"metric": "cosine"},
+    }.items():
+        tool = collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2, fit_steps=1024, **settings)
+        tool.invoke()
+        names[label] = tool.run
+        record = json.loads((tmp_path / tool.run / "collapse.json").read_text())
+        assert record["refit"] == settings.get("refit", True) and record["metric"] == settings.get("metric", "basis")
+        assert record["measured_on"].startswith("report part: ")
+        if "budget" in settings:
+            assert record["params_after"] <= 0.4 * record["params_before"]
+    assert names == {
+        "default": "base_epoch_2_base_basis_0.01_0.01_0.01_0.01",
+        "budget": "base_epoch_2_base_basis_params0.4",
+        "plain": "base_epoch_2_base_basis_params0.4_norefit",
+        "cosine": "base_epoch_2_base_0.7_0.5_1.0_0.8",
+    }
+    for label, settings in {"refit": {"refit": False}, "budget": {"budget": live.Budget(params=0.3)}}.items():
+        tool = collapse_tool(tmp_path, names["default"], 2, init_from="base", epoch_idx=2, fit_steps=1024, **settings)
+        with pytest.raises(ConfigError, match=f"other collapse settings.*'{label}'"):
+            tool.invoke()
+
+
+def test_live_symmetry_logs_what_a_collapse_would_do_now(tmp_path: Path):
+    tool = collapse_tool(tmp_path, "watched", 2, enabled=False, symmetry_interval=2, fit_steps=1024)
+    tool.collapse.budget = live.Budget(params=0.5)
+    train(tool, on_epoch_end=tool.on_epoch_end)
+    first, second = read_metrics(tmp_path / "watched" / "metrics.jsonl")
+    assert not any(key.startswith("symmetry/") for key in first)
+    assert 0 < second["symmetry/kept"] <= 0.5 and second["symmetry/kl_mean"] >= 0
+    assert 0 <= second["symmetry/top1"] <= 1 and second["symmetry/value_err"] >= 0
+    assert load_checkpoint(checkpoint_epochs(tool.checkpoint_dir, "watched")[2])["architecture"]["widths"] == dict(
+        DEFAULT_WIDTHS
+    )
