@@ -126,7 +126,8 @@ def main() -> None:
                     flush=True,
                 )
     summary = {}
-    header = f"{'arm':<24} {'kept':>6} {'KL mean':>9} {'val err':>8} {'cut s':>6} {'reward after':>16} {'- continuation':>18}"
+    header = f"{'arm':<28} {'kept':>6} {'KL mean':>9} {'val err':>8} {'cut s':>6} {'reward after':>18}"
+    header += f" {'- continuation':>20}"
     print("\n" + header + "\n" + "-" * len(header))
     for arm in ARMS:
         mine = [r for r in rows if r["arm"] == arm]
@@ -139,8 +140,9 @@ def main() -> None:
             "difference_std": statistics.stdev(differences) if len(differences) > 1 else float("nan"),
         }
         print(
-            f"{arm:<24} {statistics.fmean(r['params_kept'] for r in mine):>6.1%} "
-            f"{statistics.fmean(r['kl_mean'] for r in mine):>9.2e} {statistics.fmean(r['value_err'] for r in mine):>8.3f} "
+            f"{arm:<28} {statistics.fmean(r['params_kept'] for r in mine):>6.1%} "
+            f"{statistics.fmean(r['kl_mean'] for r in mine):>9.2e} "
+            f"{statistics.fmean(r['value_err'] for r in mine):>8.3f} "
             f"{statistics.median(r['collapse_seconds'] for r in mine):>6.1f} "
             f"{summary[arm]['reward_mean']:>8.5f} ± {spread:<7.5f} "
             f"{summary[arm]['difference_mean']:>+9.5f} ± {summary[arm]['difference_std']:<7.5f}"
