@@ -31,6 +31,7 @@ def collapse_tool(tmp_path: Path, run: str | None, epochs: int, **collapse: obje
     base = tiny_tool(tmp_path, run or "unused", total=epochs * EPOCH, enabled=False)
     tool = CollapseTrainTool(**{name: getattr(base, name) for name in type(base).model_fields})
     tool.run = run
+    tool.collapse.fit_steps = 1024  # the least a basis takes: fresh rollouts stay short
     for key, value in collapse.items():
         target = tool.collapse.thresholds if key in ("linear", "cnn", "lstm", "critic") else tool.collapse
         setattr(target, key, value)
@@ -218,7 +219,7 @@ def test_refit_units_and_budget_name_the_branch_and_a_branch_never_resumes_anoth
         "plain": {"refit": False, "budget": live.Budget(params=0.4)},
         "cosine": {"metric": "cosine"},
     }.items():
-        tool = collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2, fit_steps=1024, **settings)
+        tool = collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2, **settings)
         tool.invoke()
         names[label] = tool.run
         record = json.loads((tmp_path / tool.run / "collapse.json").read_text())
@@ -233,13 +234,13 @@ def test_refit_units_and_budget_name_the_branch_and_a_branch_never_resumes_anoth
         "cosine": "base_epoch_2_base_0.7_0.5_1.0_0.8",
     }
     for label, settings in {"refit": {"refit": False}, "budget": {"budget": live.Budget(params=0.3)}}.items():
-        tool = collapse_tool(tmp_path, names["default"], 2, init_from="base", epoch_idx=2, fit_steps=1024, **settings)
+        tool = collapse_tool(tmp_path, names["default"], 2, init_from="base", epoch_idx=2, **settings)
         with pytest.raises(ConfigError, match=f"other collapse settings.*'{label}'"):
             tool.invoke()
 
 
 def test_live_symmetry_logs_what_a_collapse_would_do_now(tmp_path: Path):
-    tool = collapse_tool(tmp_path, "watched", 2, enabled=False, symmetry_interval=2, fit_steps=1024)
+    tool = collapse_tool(tmp_path, "watched", 2, enabled=False, symmetry_interval=2)
     tool.collapse.budget = live.Budget(params=0.5)
     train(tool, on_epoch_end=tool.on_epoch_end)
     first, second = read_metrics(tmp_path / "watched" / "metrics.jsonl")
