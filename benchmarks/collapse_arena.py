@@ -44,7 +44,8 @@ ARMS = {
 
 def run(train_dir: str, run_name: str, overrides: dict[str, str]) -> Path:
     tool = collapse_arena.small(run_name)
-    for key, value in {"train_dir": train_dir, "wandb.enabled": "false", **overrides}.items():
+    settings = {"train_dir": train_dir, "wandb.enabled": "false", "trainer.checkpoint.wandb_checkpoint_interval": "0"}
+    for key, value in {**settings, **overrides}.items():
         apply_override(tool, key, value)
     tool.invoke()
     return Path(train_dir) / tool.run
