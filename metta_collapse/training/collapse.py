@@ -57,6 +57,20 @@ def analyze_policy(
     return mc.analyze(policy.core, core_inputs(policy, observations), config, CORE_SPEC)
 
 
+def policy_data(
+    policy: FastPolicy, fit: torch.Tensor, select: torch.Tensor, report: torch.Tensor, description: str
+) -> Data:
+    """The collapse's data from token observations (segments, steps, tokens, 3), each segment from zero state."""
+    return Data(
+        fit=core_inputs(policy, fit),
+        report=lambda p: p(report, {}),
+        select=core_inputs(policy, select),
+        select_behaviour=lambda p: p(select, {}),
+        description=description,
+        example=core_inputs(policy),
+    )
+
+
 class CollapseSection(Config):
     """When and how to collapse (design.md); the thresholds, rank_tol, metric and budget are the engine's."""
 
@@ -274,14 +288,8 @@ class CollapseTrainTool(TrainTool):
         fit_observations = torch.cat(fit).to(device)
         select, report = parts["select"].to(device), parts["report"].to(device)
         steps = report.shape[0] * report.shape[1]
-        return Data(
-            fit=core_inputs(policy, fit_observations),
-            report=lambda p: p(report, {}),
-            select=core_inputs(policy, select),
-            select_behaviour=lambda p: p(select, {}),
-            description=f"report part: {steps:,} agent steps ({where}; segments of {horizon} from zero state)",
-            example=core_inputs(policy),
-        )
+        description = f"report part: {steps:,} agent steps ({where}; segments of {horizon} from zero state)"
+        return policy_data(policy, fit_observations, select, report, description)
 
     def rollout_segments(self, policy: FastPolicy, copies: int, seed: int) -> torch.Tensor:
         """Fresh rollouts of `copies` environment copies, half of `collapse.fit_steps` each, as (segments,

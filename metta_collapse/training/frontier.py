@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 import metta_collapse as mc
 from metta_collapse.live import Data, Sizer, collapse_live
 from metta_collapse.training.checkpoint import load_checkpoint, policy_from_checkpoint
-from metta_collapse.training.collapse import CORE_SPEC, core_inputs
+from metta_collapse.training.collapse import CORE_SPEC, policy_data
 from metta_collapse.training.config import ConfigError, TrainingEnvConfig
 from metta_collapse.training.policy import FastPolicy
 from metta_collapse.training.rollout import rollouts
@@ -42,14 +42,8 @@ def frontier_data(
     fit, select = (parts[name].reshape(-1, horizon, *parts[name].shape[2:]) for name in ("fit", "select"))
     report = parts["report"]
     sizes = {name: int(np.prod(part.shape[:2])) for name, part in parts.items()}
-    data = Data(
-        fit=core_inputs(policy, fit),
-        report=lambda p: p(report, {}),
-        select=core_inputs(policy, select),
-        select_behaviour=lambda p: p(select, {}),
-        description=f"{report_copies} copies x {agents} agents, whole {steps}-step episodes from zero state",
-        example=core_inputs(policy),
-    )
+    description = f"{report_copies} copies x {agents} agents, whole {steps}-step episodes from zero state"
+    data = policy_data(policy, fit, select, report, description)
     return data, {"agent_steps": sizes, "episode_steps": steps, "segment_steps": horizon, "seeds": SEEDS}
 
 

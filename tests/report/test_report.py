@@ -286,3 +286,24 @@ def test_unreadable_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture):
     broken.write_text("not a checkpoint")
     err = one_line_error(capsys, "analyze", str(broken))
     assert "cannot read checkpoint" in err and "broken.pt" in err
+
+
+def test_frontier_of_a_checkpoint_writes_every_arm_within_its_budget(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from metta_collapse.training.arena import make_small_arena, make_vecenv
+    from metta_collapse.training.policy import make_policy
+
+    vecenv = make_vecenv(make_small_arena(), 1)
+    policy = make_policy(vecenv.driver_env)
+    vecenv.close()
+    path = save_checkpoint(tmp_path, "p", policy, torch.optim.Adam(policy.parameters()), 1, 1, 0.0, arena="small")
+    argv = ["frontier", str(path), "--budgets", "0.5", "--seeds", "1", "--fit-steps", "1024", "--report-copies", "1"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "frontier.json").read_text())
+    arms = {(row["units"], row["refit"]) for row in result["rows"] if row["budget"] == 0.5}
+    assert arms == {(u, r) for u in ("basis", "cosine", "scale_aware") for r in (True, False)} | {
+        ("random units (basis widths)", True)
+    }
+    assert all(row["kept"] <= 0.5 for row in result["rows"] if row["budget"] == 0.5)
+    assert result["data"]["agent_steps"]["report"] == 6 * 256 and (tmp_path / "out" / "frontier.png").stat().st_size
+    assert "random units (basis widths)" in capsys.readouterr().out
+    assert main(["frontier", str(tmp_path / "missing.pt")]) == 2
