@@ -5,6 +5,8 @@ An exact fibration is the lossless case: the units of one fiber have identical a
 keeps one of them. The layers are those `analyze` finds; which of them may shrink, and which must keep the same
 units (outputs meeting element-wise), comes from the same analysis."""
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,8 +46,8 @@ class Basis:
         activations correlate with most (what it is folded into) — and the regression coefficient of each unit
         on its label's unit (1 for a kept unit and for an exact copy)."""
         kept = np.sort(self.order[:width])
-        correlation = self.gram / self.norms[:, None] / self.norms[None, :]
-        labels = np.argmax(np.abs(correlation[kept]), axis=0)
+        correlation = self.gram[kept] / self.norms[kept, None] / self.norms[None, :]
+        labels = np.argmax(np.abs(correlation), axis=0)
         scales = self.gram[kept[labels], np.arange(len(labels))] / self.norms[kept[labels]] ** 2
         labels[kept], scales[kept] = np.arange(width), 1.0
         return kept, labels, scales
@@ -185,24 +187,28 @@ def widths_at(found: list[Basis], rank_tol: RankTol, scale: float) -> list[int]:
     return [basis.width(tolerances[basis.kind]) for basis in found]
 
 
+def smallest_scale(ok: Callable[[float], bool], low: float, high: float, what: str, steps: int = 24) -> float:
+    """The smallest scale of a size knob in [low, high] (log-bisected) for which `ok` holds, `ok` being monotone:
+    the largest collapse within a budget."""
+    if not ok(high):
+        raise CollapseError(f"{what}: not reached even at the smallest size the knob allows")
+    if ok(low):
+        return low
+    for _ in range(steps):
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if ok(middle) else (middle, high)
+    return high
+
+
 def scale_for_params(plan: CollapsePlan, found: list[Basis], rank_tol: RankTol, fraction: float) -> float:
     """The smallest scale of `rank_tol` whose plan keeps at most `fraction` of the parameters."""
 
-    def kept(scale: float) -> float:
+    def within(scale: float) -> bool:
         apply_widths(plan, found, widths_at(found, rank_tol, scale))
-        return plan.kept_fraction
+        return plan.kept_fraction <= fraction
 
-    low, high = 1e-6, 1.0 / min(rank_tol.model_dump().values())  # at `high` every tolerance is 1: one unit each
-    if kept(high) > fraction:
-        raise CollapseError(
-            f"budget.params={fraction}: even one unit per layer keeps {plan.kept_fraction:.1%} of the parameters"
-        )
-    if kept(low) <= fraction:
-        return low
-    for _ in range(60):
-        middle = float(np.sqrt(low * high))
-        low, high = (low, middle) if kept(middle) <= fraction else (middle, high)
-    return high
+    high = 1.0 / min(rank_tol.model_dump().values())  # every tolerance 1: one unit a layer
+    return smallest_scale(within, 1e-6, high, f"budget.params={fraction}")
 
 
 def select_basis(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from metta_collapse.analysis import analyze
-from metta_collapse.basis import apply_widths, bases, scale_for_params, structure
+from metta_collapse.basis import apply_widths, bases, scale_for_params, smallest_scale, structure, widths_at
 from metta_collapse.config import Budget, CollapseConfig, ModelSpec, Thresholds
 from metta_collapse.errors import CollapseError
 from metta_collapse.plan import CollapsePlan
@@ -113,9 +113,8 @@ class Sizer:
         c = self.config
         if c.metric == "basis":
             plan = copy.deepcopy(self.structure)
-            tolerances = c.rank_tol.scaled(scale)
-            kept = apply_widths(plan, self.bases, [b.width(tolerances[b.kind]) for b in self.bases])
-            return plan, kept, {"rank_tol": tolerances}
+            kept = apply_widths(plan, self.bases, widths_at(self.bases, c.rank_tol, scale))
+            return plan, kept, {"rank_tol": c.rank_tol.scaled(scale)}
         thresholds = {kind: min(2.0, value * scale) for kind, value in c.thresholds.model_dump().items()}
         scaled = c.model_copy(update={"thresholds": Thresholds(**thresholds)})
         plan = analyze(self.module, self.data.example or self.data.fit, scaled, self.spec)
@@ -125,24 +124,13 @@ class Sizer:
         """The smallest scale whose plan keeps at most `fraction` of the parameters."""
         if self.config.metric == "basis":
             return scale_for_params(copy.deepcopy(self.structure), self.bases, self.config.rank_tol, fraction)
-        return _bisect(
+        return smallest_scale(
             lambda scale: self.plan(scale)[0].kept_fraction <= fraction,
             1e-3,
             self.largest_scale,
             f"budget.params={fraction}",
+            steps=12,  # each step is an analysis
         )
-
-
-def _bisect(ok: Callable[[float], bool], low: float, high: float, what: str, steps: int = 12) -> float:
-    """The smallest scale in [low, high] (log-bisected) for which `ok` holds, `ok` being monotone in it."""
-    if not ok(high):
-        raise CollapseError(f"{what}: not reached even at the smallest size the knob allows")
-    if ok(low):
-        return low
-    for _ in range(steps):
-        middle = math.sqrt(low * high)
-        low, high = (low, middle) if ok(middle) else (middle, high)
-    return high
 
 
 def _apply(
@@ -218,8 +206,8 @@ def collapse_live(
             with torch.no_grad():
                 return behaviour_change(reference, data.select_behaviour(trial))["kl_mean"] <= budget.kl
 
-        # the largest size within the budget: bisect on "over budget" (monotone the other way)
-        scale = 1.0 / _bisect(
+        # the largest collapse within the budget: the smallest model whose KL stays under it
+        scale = 1.0 / smallest_scale(
             lambda inverse: within(1.0 / inverse), 1.0 / sizer.largest_scale, 1e3, f"budget.kl={budget.kl}", steps=6
         )
     plan, kept, knob = sizer.plan(scale)

@@ -71,6 +71,24 @@ def policy_data(
     )
 
 
+def collapse_copy(
+    policy: FastPolicy,
+    data: Data,
+    config: mc.CollapseConfig,
+    refit: bool,
+    budget: mc.Budget | None = None,
+    mode: str = "fibration",
+    seed: int = 0,
+) -> dict:
+    """Collapse a copy of the policy (with a fresh optimizer), leaving the policy as it is; the record."""
+    trial = copy.deepcopy(policy)
+    optimizer = torch.optim.Adam(trial.parameters())
+    _, record = collapse_live(
+        trial, "core", data, CORE_SPEC, config, optimizer, [], mode, seed, refit_weights=refit, budget=budget
+    )
+    return record
+
+
 class CollapseSection(Config):
     """When and how to collapse (design.md); the thresholds, rank_tol, metric and budget are the engine's."""
 
@@ -325,18 +343,8 @@ class CollapseTrainTool(TrainTool):
         """What a collapse with these settings would do now, on a copy of the policy: `symmetry/kept` (the
         fraction of parameters at the knob or budget.kl), `symmetry/kl_mean`, `symmetry/value_err` (what it
         would cost, e.g. at budget.params), measured on the report part."""
-        trial = copy.deepcopy(state.policy)
-        _, record = collapse_live(
-            trial,
-            "core",
-            self.epoch_data(state),
-            CORE_SPEC,
-            self.collapse.engine_config(),
-            torch.optim.Adam(trial.parameters()),
-            [],
-            refit_weights=self.collapse.refit,
-            budget=self.collapse.budget,
-        )
+        c = self.collapse
+        record = collapse_copy(state.policy, self.epoch_data(state), c.engine_config(), c.refit, c.budget)
         kept = record["params_after"] / record["params_before"]
         state.metrics.update(
             {"symmetry/kept": kept, **{f"symmetry/{k}": record[k] for k in ("kl_mean", "value_err", "top1")}}

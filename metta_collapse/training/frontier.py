@@ -3,19 +3,17 @@ of units, plain and refitted, against random units + refit at the same widths. T
 from: every figure is measured on whole episodes, from zero state, on maps neither the fit nor the select part
 saw."""
 
-import copy
 import hashlib
 import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
 import metta_collapse as mc
-from metta_collapse.live import Data, Sizer, collapse_live
+from metta_collapse.live import Data, Sizer
 from metta_collapse.training.checkpoint import load_checkpoint, policy_from_checkpoint
-from metta_collapse.training.collapse import CORE_SPEC, policy_data
+from metta_collapse.training.collapse import CORE_SPEC, collapse_copy, policy_data
 from metta_collapse.training.config import ConfigError, TrainingEnvConfig
 from metta_collapse.training.policy import FastPolicy
 from metta_collapse.training.rollout import rollouts
@@ -45,16 +43,6 @@ def frontier_data(
     description = f"{report_copies} copies x {agents} agents, whole {steps}-step episodes from zero state"
     data = policy_data(policy, fit, select, report, description)
     return data, {"agent_steps": sizes, "episode_steps": steps, "segment_steps": horizon, "seeds": SEEDS}
-
-
-def collapse_copy(
-    policy: FastPolicy, data: Data, config: mc.CollapseConfig, refit: bool, mode: str = "fibration", seed: int = 0
-) -> dict:
-    """Collapse a copy of the policy (its optimizer fresh) and return the collapse record."""
-    trial = copy.deepcopy(policy)
-    optimizer = torch.optim.Adam(trial.parameters())
-    _, record = collapse_live(trial, "core", data, CORE_SPEC, config, optimizer, [], mode, seed, refit_weights=refit)
-    return record
 
 
 def at_budget(sizer: Sizer, fraction: float) -> mc.CollapseConfig:
@@ -112,7 +100,7 @@ def frontier(
             rows += [row(collapse_copy(policy, data, config, refit), name, budget) for refit in (True, False)]
             if name == "basis":
                 for seed in range(random_seeds):
-                    record = collapse_copy(policy, data, config, True, "random_ablation", seed)
+                    record = collapse_copy(policy, data, config, True, mode="random_ablation", seed=seed)
                     rows.append(row(record, "random units (basis widths)", budget, seed))
         progress(f"budget.params={budget}: done")
     return {
