@@ -16,14 +16,13 @@ from torch import fx, nn
 
 from metta_collapse.activations import lstm_trajectories, record
 from metta_collapse.analysis import analyze
-from metta_collapse.config import CollapseConfig, ModelSpec, RankTol, Thresholds
+from metta_collapse.config import MIN_SAMPLES, CollapseConfig, ModelSpec, RankTol, Thresholds
 from metta_collapse.errors import CollapseError
 from metta_collapse.graph import as_graph
 from metta_collapse.plan import CollapsePlan
 from metta_collapse.rewrite import linked_groups
 
 # below this many samples (rows: agent steps, times spatial positions for a convolution) a basis says little
-MIN_SAMPLES = 1000
 MERGE_ALL = Thresholds(linear=2.0, cnn=2.0, lstm=2.0, critic=2.0)
 
 

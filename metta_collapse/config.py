@@ -1,11 +1,13 @@
 """Configuration of the engine: the collapse thresholds and metric, and what a model's inputs/outputs are."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Metric = Literal["cosine", "exact", "scale_aware", "basis"]
 WEIGHT_METRICS = ("cosine", "exact", "scale_aware")
+# the fewest real samples a basis of the activations is chosen from (never the weight metrics' empty example)
+MIN_SAMPLES = 1000
 InputRole = Literal["features", "state", "index"]
 OutputRole = Literal["logits", "value", "state", "features"]
 
@@ -84,3 +86,27 @@ class ModelSpec(_Strict):
 
     def output(self, index: int) -> OutputRole:
         return self.outputs[index] if index < len(self.outputs) else "features"
+
+
+def check_section(section: Any) -> None:
+    """The `collapse` section of either runtime's recipe (the same fields): exactly one thing sets the size,
+    the chosen units' own knob or a budget. Raises ValueError naming the override paths."""
+    given = [f"collapse.{name}.*" for name in ("thresholds", "rank_tol") if getattr(section, name).model_fields_set]
+    budget = section.budget
+    given += [f"collapse.budget.{name}" for name in ("params", "kl") if getattr(budget, name) is not None]
+    own = "rank_tol" if section.metric == "basis" else "thresholds"
+    foreign = [g for g in given if g.startswith("collapse.t" if own == "rank_tol" else "collapse.r")]
+    if foreign:
+        raise ValueError(
+            f"{foreign[0]} is not a knob of collapse.metric={section.metric}: its size is set by "
+            f"collapse.{own}.* or collapse.budget.params / collapse.budget.kl"
+        )
+    if len(given) > 1:
+        raise ValueError(f"the collapse's size is set twice ({' and '.join(given)}): give one of them")
+    if section.metric == "exact" and (budget.params is not None or budget.kl is not None):
+        raise ValueError("collapse.metric=exact merges exact copies only: it has no size to budget")
+    if section.metric == "basis" and section.fit_steps < MIN_SAMPLES:
+        raise ValueError(
+            f"collapse.fit_steps={section.fit_steps}: a basis of the activations needs at least {MIN_SAMPLES} "
+            "agent steps"
+        )

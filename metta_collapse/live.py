@@ -28,7 +28,9 @@ from metta_collapse.rewrite import (
 )
 
 Mode = Literal["fibration", "random_ablation", "scratch"]
-Behaviour = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]]
+# (logits, values) of a policy, given the plan it was collapsed with (None: not collapsed), which maps inputs
+# such as recorded recurrent states to its widths
+Behaviour = Callable[[nn.Module, CollapsePlan | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -81,7 +83,8 @@ class Data:
     """What a collapse sees of the policy's experience, in disjoint parts: `fit`, the collapsed module's inputs
     the units are chosen and the refit solved on; `select`, its inputs on other rollouts, on which a basis's
     widths are judged; and the policy's (logits, values) on the select and the report part, as functions of a
-    policy (the live one or a trial copy). The record's behaviour figures come from the report part alone."""
+    policy (the live one or a trial copy) and its plan. The record's behaviour figures come from the report
+    part alone."""
 
     fit: tuple
     report: Behaviour
@@ -185,7 +188,7 @@ def collapse_live(
     module = policy.get_submodule(target)
     start = time.perf_counter()
     with torch.no_grad():
-        before = data.report(policy)
+        before = data.report(policy, None)
     measuring = time.perf_counter() - start
     start = time.perf_counter()
     sizer = Sizer(module, data, spec, config)
@@ -197,14 +200,14 @@ def collapse_live(
         if data.select_behaviour is None:
             raise CollapseError("budget.kl needs the select part of the data")
         with torch.no_grad():
-            reference = data.select_behaviour(policy)
+            reference = data.select_behaviour(policy, None)
 
         def within(scale: float) -> bool:
             trial = copy.deepcopy(policy)
             plan, kept, _ = sizer.plan(scale)
             _apply(trial, target, plan, kept, mode, seed, data, refit_weights, original)
             with torch.no_grad():
-                return behaviour_change(reference, data.select_behaviour(trial))["kl_mean"] <= budget.kl
+                return behaviour_change(reference, data.select_behaviour(trial, plan))["kl_mean"] <= budget.kl
 
         # the largest collapse within the budget: the smallest model whose KL stays under it
         scale = 1.0 / smallest_scale(
@@ -229,7 +232,7 @@ def collapse_live(
                 after_rewrite(plan)
             seconds = time.perf_counter() - start
             with torch.no_grad():
-                change = behaviour_change(before, data.report(policy))
+                change = behaviour_change(before, data.report(policy, plan))
             measuring += time.perf_counter() - start - seconds
             if not all(math.isfinite(value) for value in change.values()):
                 raise CollapseError(f"the collapsed policy's behaviour is not finite: {change}")

@@ -50,7 +50,7 @@ def arguments(policy, optimizer, observations, buffers, config=EXACT):
     return dict(
         policy=policy,
         target="core",
-        data=live.Data(fit=(box, *states), report=lambda p: p(observations, {})),
+        data=live.Data(fit=(box, *states), report=lambda p, _: p(observations, {})),
         spec=SPEC,
         config=config,
         optimizer=optimizer,

@@ -1,6 +1,6 @@
 """Train the arena, collapse the policy by fibration symmetry at `collapse.epoch_idx`, keep training.
 
-    ./tools/run.py experiments.recipes.collapse_arena.train run=c1 collapse.epoch_idx=300 collapse.thresholds.lstm=1.0
+    ./tools/run.py experiments.recipes.collapse_arena.train run=c1 collapse.epoch_idx=300 collapse.budget.params=0.25
     ./tools/run.py experiments.recipes.collapse_arena.train collapse.init_from=base collapse.epoch_idx=300
     ./tools/run.py experiments.recipes.collapse_arena.sweep trials=8 trial.trainer.total_timesteps=2000000
 

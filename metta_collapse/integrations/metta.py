@@ -20,13 +20,14 @@ from pydantic import BaseModel, Field, create_model
 from torch import fx, nn
 
 import metta_collapse as mc
+from metta_collapse.activations import collapsed_inputs
 from metta_collapse.live import Data, collapse_live
 from metta_collapse.rewrite import map_collapsed, map_selected
 
 Era = Literal["current", "september"]
 # set on the agent after a collapse; September checkpoints pickle the agent, so a resumed run sees it
 MARKER = "metta_collapse_record"
-ANALYSIS_ROWS = 1024
+LEAD_EPOCHS = 2  # rollouts are recorded from this many epochs before epoch_idx
 log = logging.getLogger(__name__)
 S = mc.Step
 
@@ -45,14 +46,17 @@ def detect_era() -> Era | None:
 # ----- the `collapse` section, declared on Metta's Config base
 
 
-def section_fields(thresholds: type[BaseModel]) -> dict[str, Any]:
+def section_fields(knobs: dict[str, type[BaseModel]]) -> dict[str, Any]:
     """The section's fields; the embedded runtime's `CollapseSection` has the same names, types and defaults.
-    Branching (`init_from`) and the scratch null model need a restart from a checkpoint: embedded only."""
+    `knobs` holds the thresholds, rank_tol and budget classes. Branching (`init_from`) and the scratch null
+    model need a restart from a checkpoint: embedded only."""
     return {
         "enabled": (bool, True),
         "epoch_idx": (int, Field(default=10, ge=0)),
-        "thresholds": (thresholds, Field(default_factory=thresholds)),
-        "metric": (Literal[mc.config.WEIGHT_METRICS], "cosine"),
+        "metric": (mc.config.Metric, "basis"),
+        **{name: (cls, Field(default_factory=cls)) for name, cls in knobs.items()},
+        "refit": (bool, True),
+        "fit_steps": (int, Field(default=6144, ge=1)),
         "mode": (Literal["fibration", "random_ablation"], "fibration"),
         "optimizer_state": (Literal["remap", "reset"], "remap"),
         "seed": (int, 0),
@@ -61,12 +65,15 @@ def section_fields(thresholds: type[BaseModel]) -> dict[str, Any]:
 
 def section_class(base: type[BaseModel]) -> type[BaseModel]:
     """`CollapseSection` on `base`: Metta's override walker only enters Metta `Config` objects."""
-    thresholds = create_model(
-        "CollapseThresholds",
-        __base__=base,
-        **{name: (f.annotation, f) for name, f in mc.Thresholds.model_fields.items()},
-    )
-    return create_model("CollapseSection", __base__=base, **section_fields(thresholds))
+    knobs = {
+        name: create_model(
+            f"Collapse{engine.__name__}",
+            __base__=base,
+            **{field: (f.annotation, f) for field, f in engine.model_fields.items()},
+        )
+        for name, engine in (("thresholds", mc.Thresholds), ("rank_tol", mc.RankTol), ("budget", mc.Budget))
+    }
+    return create_model("CollapseSection", __base__=base, **section_fields(knobs))
 
 
 @functools.cache
@@ -79,7 +86,11 @@ def metta_section_class() -> type[BaseModel]:
 
 
 def engine_config(section: BaseModel) -> mc.CollapseConfig:
-    return mc.CollapseConfig(thresholds=mc.Thresholds(**section.thresholds.model_dump()), metric=section.metric)
+    return mc.CollapseConfig(
+        thresholds=mc.Thresholds(**section.thresholds.model_dump()),
+        rank_tol=mc.RankTol(**section.rank_tol.model_dump()),
+        metric=section.metric,
+    )
 
 
 # ----- Metta's `fast` policies: layer chains, entries, and what each keeps beside its parameters
@@ -265,35 +276,107 @@ def _has(module: nn.Module, path: str) -> bool:
     return True
 
 
-class RecentInputs:
-    """The latest batch entering the chain's entry layers during the trainer's own forward passes (views, no
-    copies: the hooks cost nothing while a collapse is pending)."""
+class Rollouts:
+    """The chain's inputs in the trainer's rollout forward passes (those run without gradients; a training pass
+    over sequences is skipped), copied and split by environment copy into the parts of a collapse's data: copies
+    cycle through fit, fit, select, report, and each part keeps its latest rows, `fit_steps` for fit and half
+    as many for select and report. The agents of one environment copy are `agents_per_env` consecutive rows of
+    a forward pass; with fewer than 4 copies in a pass, its rows are split agent by agent instead. An LSTM's
+    state (h, c) is read where the policy calls it."""
 
-    def __init__(self, root: nn.Module, entries: dict[str, str], tensors: dict[str, torch.Tensor] | None = None):
-        self.tensors = {} if tensors is None else tensors
-        self.handles = [
-            root.get_submodule(path).register_forward_pre_hook(self._keeper(name)) for name, path in entries.items()
-        ]
+    CYCLE = ("fit", "fit", "select", "report")
 
-    def _keeper(self, name: str):
-        def keep(module: nn.Module, args: tuple) -> None:
-            self.tensors[name] = args[0].detach()[:ANALYSIS_ROWS]
+    def __init__(self, layout: FastLayout, fit_steps: int, agents_per_env: int = 1):
+        self.names = [*layout.entries, *(("h", "c") if layout.lstm else ())]
+        self.sizes = {"fit": fit_steps, "select": max(1, fit_steps // 2), "report": max(1, fit_steps // 2)}
+        self.agents_per_env = max(1, agents_per_env)
+        self.parts: dict[str, list[dict[str, torch.Tensor]]] = {part: [] for part in self.sizes}
+        self.by_agent = False  # some pass held fewer than 4 environment copies
+        self.step: dict[str, torch.Tensor] = {}
+        self.handles: list = []
 
-        return keep
+    def watch(self, root: nn.Module, layout: FastLayout) -> None:
+        if self.handles:
+            return
+        for name, path in layout.entries.items():
+            hook = functools.partial(self._entry, name)
+            self.handles.append(root.get_submodule(path).register_forward_pre_hook(hook))
+        if layout.lstm is not None:
+            self.handles.append(root.get_submodule(layout.lstm).register_forward_pre_hook(self._state))
 
-    def remove(self) -> None:
+    def unwatch(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.handles = []
+        self.handles, self.step = [], {}
 
+    def _entry(self, name: str, module: nn.Module, args: tuple) -> None:
+        if not torch.is_grad_enabled():
+            self.step[name] = args[0].detach().clone()
+            self._complete()
 
-def _chain_inputs(layout: FastLayout, chain: fx.GraphModule, recent: dict[str, torch.Tensor]) -> tuple:
-    inputs = tuple(recent[name].clone() for name in layout.entries)
-    if layout.lstm is None:
-        return inputs
-    lstm = chain.get_submodule(layout.lstm)  # zero state at the LSTM's live widths (an nn.LSTM or an LSTMStack)
-    zeros = inputs[0].new_zeros(lstm.num_layers, inputs[0].shape[0], lstm.hidden_size)
-    return *inputs, zeros, zeros.clone()
+    def _state(self, module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled():
+            return
+        x, batch_first = args[0], getattr(module, "batch_first", False)
+        if x.ndim != 3 or x.shape[1 if batch_first else 0] != 1:  # a sequence, not one rollout step
+            self.step = {}
+            return
+        rows = x.shape[0 if batch_first else 1]
+        state = args[1] if len(args) > 1 and args[1] is not None else None
+        if state is None:
+            zeros = x.new_zeros(module.num_layers, rows, module.hidden_size)
+            state = (zeros, zeros)
+        self.step |= {"h": state[0].detach().clone(), "c": state[1].detach().clone()}
+        self._complete()
+
+    def _complete(self) -> None:
+        if set(self.step) == set(self.names):
+            step, self.step = self.step, {}
+            self.add(step)
+
+    def add(self, step: dict[str, torch.Tensor]) -> None:
+        """Split one rollout forward pass's inputs (chain input name -> rows; h and c: layers x rows) into the
+        parts."""
+        rows = step[self.names[0]].shape[0]
+        if any(t.shape[1 if name in ("h", "c") else 0] != rows for name, t in step.items()):
+            return  # entries of different passes
+        copies = -(-rows // self.agents_per_env)
+        unit = self.agents_per_env if copies >= len(self.CYCLE) else 1
+        self.by_agent |= unit == 1 and self.agents_per_env > 1
+        slot = torch.arange(rows, device=step[self.names[0]].device) // unit % len(self.CYCLE)
+        for part, size in self.sizes.items():
+            mask = sum(slot == k for k, name in enumerate(self.CYCLE) if name == part).bool()
+            if not mask.any():
+                continue
+            chunks = self.parts[part]
+            chunks.append({n: t[:, mask] if n in ("h", "c") else t[mask] for n, t in step.items()})
+            while self.count(part) - self._rows(chunks[0]) >= size:
+                chunks.pop(0)
+
+    @staticmethod
+    def _rows(chunk: dict[str, torch.Tensor]) -> int:
+        return next(t.shape[1] if n in ("h", "c") else t.shape[0] for n, t in chunk.items())
+
+    def count(self, part: str) -> int:
+        return sum(self._rows(chunk) for chunk in self.parts[part])
+
+    def ready(self) -> bool:
+        return all(self.count(part) >= size for part, size in self.sizes.items())
+
+    def inputs(self, part: str) -> tuple[torch.Tensor, ...]:
+        """The chain's inputs from the part's latest rows."""
+        size, chunks = self.sizes[part], self.parts[part]
+        return tuple(
+            torch.cat([c[n] for c in chunks], dim=1)[:, -size:]
+            if n in ("h", "c")
+            else torch.cat([c[n] for c in chunks])[-size:]
+            for n in self.names
+        )
+
+    def describe(self) -> str:
+        split = "agent" if self.by_agent else "environment copy"
+        counts = ", ".join(f"{part} {min(self.count(part), size):,}" for part, size in self.sizes.items())
+        return f"rows of the trainer's rollout forward passes split by {split} ({counts}); report part measured"
 
 
 def collapse_agent(
@@ -301,12 +384,13 @@ def collapse_agent(
     optimizer: torch.optim.Optimizer,
     era: Era,
     section: BaseModel,
-    recent: dict[str, torch.Tensor],
+    rollouts: Rollouts,
 ) -> dict:
     """Collapse Metta's `fast` policy inside `agent` in place, with its optimizer; all or nothing.
 
-    `recent` holds the chain's inputs from recent forward passes (`RecentInputs`). The recorded KL is between
-    the action distributions, each policy's own action head applied to the chain's first output."""
+    The units are chosen and the refit solved on the fit part of `rollouts`, a budget judged on the select
+    part; the record's KL, value error and top-1 agreement come from the report part, each policy's own action
+    head applied to the chain's first output."""
     prefix, layout = find_fast(agent, era)
     root = agent.get_submodule(prefix)
     chain = layout.chain(root)
@@ -326,14 +410,22 @@ def collapse_agent(
         if layout.after_rewrite is not None:
             layout.after_rewrite(root, plan)
 
-    def behaviour() -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = chain(*_chain_inputs(layout, chain, recent))
-        return (outputs[0] if layout.logits is None else layout.logits(root, outputs[0])), outputs[1]
+    def behaviour(inputs: tuple) -> Callable:
+        def run(policy: nn.Module, plan: mc.CollapsePlan | None) -> tuple[torch.Tensor, torch.Tensor]:
+            args = inputs if plan is None else collapsed_inputs(policy.chain, plan, inputs)
+            outputs = policy.chain(*args)
+            head = policy.agent.get_submodule(prefix)
+            return (outputs[0] if layout.logits is None else layout.logits(head, outputs[0])), outputs[1]
 
+        return run
+
+    select = rollouts.inputs("select")
     data = Data(
-        fit=_chain_inputs(layout, chain, recent),
-        report=lambda _: behaviour(),
-        description=f"last {ANALYSIS_ROWS} rows of the trainer's forward passes",
+        fit=rollouts.inputs("fit"),
+        report=behaviour(rollouts.inputs("report")),
+        select=select,
+        select_behaviour=behaviour(select),
+        description=rollouts.describe(),
     )
     _, record = collapse_live(
         view,
@@ -347,7 +439,8 @@ def collapse_agent(
         section.seed,
         section.optimizer_state,
         after_rewrite=after_rewrite,
-        refit_weights=False,
+        refit_weights=section.refit,
+        budget=mc.Budget(**section.budget.model_dump()),
     )
     return record
 
@@ -357,39 +450,44 @@ class CollapseFailed(RuntimeError):
 
 
 class CollapseHook:
-    """The adapter's logic, shared by the current-era component and the September-era loss: watch the policy's
-    inputs while a collapse is pending, collapse once at the first epoch >= `epoch_idx`, report."""
+    """The adapter's logic, shared by the current-era component and the September-era loss: record the policy's
+    rollouts from `LEAD_EPOCHS` epochs before `epoch_idx`, collapse once at the first epoch >= `epoch_idx`
+    at which the rollouts fill every part of the data, report."""
 
-    def __init__(self, section: BaseModel, era: Era, wandb_run: Any = None):
+    def __init__(self, section: BaseModel, era: Era, wandb_run: Any = None, agents_per_env: int = 1):
         self.section = section
         self.era = era
         self.wandb_run = wandb_run
-        self.recent: RecentInputs | None = None
-        self.latest: dict[str, torch.Tensor] = {}  # outlives the hooks, which live only while watching
+        self.agents_per_env = agents_per_env
+        self.rollouts: Rollouts | None = None  # outlives its hooks, which live only while watching
         self.failed = False
 
     def pending(self, agent: nn.Module) -> bool:
         return self.section.enabled and not self.failed and getattr(agent, MARKER, None) is None
 
-    def watch(self, agent: nn.Module) -> None:
-        if self.recent is None and self.pending(agent):
-            prefix, layout = find_fast(agent, self.era)
-            self.recent = RecentInputs(agent.get_submodule(prefix), layout.entries, self.latest)
+    def watch(self, agent: nn.Module, epoch: int) -> None:
+        if not self.pending(agent) or epoch + LEAD_EPOCHS < self.section.epoch_idx:
+            return
+        prefix, layout = find_fast(agent, self.era)
+        if self.rollouts is None:
+            self.rollouts = Rollouts(layout, self.section.fit_steps, self.agents_per_env)
+        self.rollouts.watch(agent.get_submodule(prefix), layout)
 
     def unwatch(self) -> None:
-        if self.recent is not None:
-            self.recent.remove()
-            self.recent = None
+        if self.rollouts is not None:
+            self.rollouts.unwatch()
 
     def maybe_collapse(self, agent: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, agent_step: int):
         if not self.pending(agent) or epoch < self.section.epoch_idx:
             return None
-        recent = self.latest
-        if set(recent) != set(find_fast(agent, self.era)[1].entries):
-            log.warning("collapse due at epoch %d waits for the policy's first forward pass", epoch)
+        rollouts = self.rollouts
+        if rollouts is None or not rollouts.ready():
+            counts = {part: rollouts.count(part) for part in rollouts.sizes} if rollouts else {}
+            sizes = rollouts.sizes if rollouts else "fit, select and report"
+            log.warning("collapse due at epoch %d waits for rollouts: %s rows of %s", epoch, counts or 0, sizes)
             return None
         try:
-            record = collapse_agent(agent, optimizer, self.era, self.section, recent)
+            record = collapse_agent(agent, optimizer, self.era, self.section, rollouts)
         except Exception as error:
             self.failed = True
             self.unwatch()
@@ -401,17 +499,18 @@ class CollapseHook:
             self.log({"collapse/failed": 1.0})
             raise CollapseFailed(message) from error
         self.unwatch()
-        self.latest.clear()
+        self.rollouts = None
         record |= {"epoch": epoch, "agent_step": agent_step}
         setattr(agent, MARKER, record)
         self.log(metrics(record))
         log.warning(
-            "collapse at epoch %d: %d -> %d parameters, KL max %.2e, value error %.2e; widths %s",
+            "collapse at epoch %d: %d -> %d parameters, KL mean %.2e, value error %.2e (%s); widths %s",
             epoch,
             record["params_before"],
             record["params_after"],
-            record["kl_max"],
+            record["kl_mean"],
             record["value_err"],
+            record["measured_on"],
             {layer["name"]: f"{layer['width_before']}->{layer['width_after']}" for layer in record["layers"]},
         )
         return record
@@ -476,12 +575,15 @@ def component_class(base: type) -> type:
             if loaded_collapsed and self.hook.pending(context.policy):
                 setattr(context.policy, MARKER, {"loaded_collapsed": True})
                 log.warning("the policy was loaded narrower than the recipe's architecture: no second collapse")
-            self.hook.watch(context.policy)
+            env_info = getattr(getattr(context, "env", None), "policy_env_info", None)
+            self.hook.agents_per_env = getattr(env_info, "num_agents", 1)
+            self.hook.watch(context.policy, context.epoch)
 
         def on_epoch_end(self, epoch: int) -> None:
             context = self.context
             if self.hook.maybe_collapse(context.policy, context.optimizer, epoch, context.agent_step) is not None:
                 self.sync()
+            self.hook.watch(context.policy, epoch)
 
         def sync(self) -> bool:
             if self.architecture is None:
@@ -494,13 +596,14 @@ def component_class(base: type) -> type:
 
 def loss_class(base: type) -> type:
     """September era: a `BaseLoss` collapsing in `on_new_training_run` once `trainer_state.epoch >= epoch_idx`
-    (the epoch advances by update_epochs); its inputs are watched during rollouts only, so the hooks are never
-    pickled with a checkpointed agent. A failed collapse is logged and counted (`losses/collapse_failed`)."""
+    (the epoch advances by update_epochs); its rollouts are watched during the rollout phase only, so the hooks
+    are never pickled with a checkpointed agent. A failed collapse is logged and counted (`losses/collapse_failed`)."""
 
     class CollapseLoss(base):
         def __init__(self, policy: nn.Module, trainer_cfg: Any, vec_env: Any, device: Any, *args: Any):
             super().__init__(policy, trainer_cfg, vec_env, device, *args)
-            self.hook = CollapseHook(self.loss_cfg.section, "september")
+            agents_per_env = getattr(getattr(vec_env, "driver_env", None), "num_agents", 1)
+            self.hook = CollapseHook(self.loss_cfg.section, "september", agents_per_env=agents_per_env)
 
         def on_new_training_run(self, trainer_state: Any) -> None:
             super().on_new_training_run(trainer_state)
@@ -517,7 +620,7 @@ def loss_class(base: type) -> type:
 
         def on_rollout_start(self, trainer_state: Any) -> None:
             super().on_rollout_start(trainer_state)
-            self.hook.watch(self.policy)
+            self.hook.watch(self.policy, trainer_state.epoch)
 
         def on_train_phase_end(self, trainer_state: Any) -> None:
             super().on_train_phase_end(trainer_state)
@@ -530,6 +633,7 @@ def refuse_unsupported(tool: Any) -> None:
     """Before training: settings under which an in-place change of parameter shapes would break Metta's run."""
     if not tool.collapse.enabled:
         return
+    mc.config.check_section(tool.collapse)  # Metta's override check skips the section's own validation
     if getattr(tool.trainer, "compile", False):
         raise ValueError("trainer.compile=true is not supported with collapse.enabled: shapes change mid-training")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -614,11 +718,9 @@ def metta_train() -> Any:
     return metta_train_tool_class()(**{name: getattr(base, name) for name in type(base).model_fields})
 
 
-SWEEP_CENTERS = {"linear": 0.7, "cnn": 0.5, "lstm": 1.0, "critic": 0.8}
-
-
 def metta_sweep(sweep_name: str, recipe: str, epoch_idx: tuple[int, int] = (100, 1000)) -> Any:
-    """Current era: Metta's Protein sweep over the thresholds and epoch_idx (override paths of the train tool)."""
+    """Current era: Metta's Protein sweep over the default units' knob (`collapse.rank_tol.*`, log-normal) and
+    epoch_idx (override paths of the train tool)."""
     if detect_era() != "current":
         raise NotImplementedError("the Metta sweep is built for the current era only; September: use the embedded one")
     from metta.sweep.core import Distribution as D
@@ -626,8 +728,8 @@ def metta_sweep(sweep_name: str, recipe: str, epoch_idx: tuple[int, int] = (100,
     from metta.sweep.core import make_sweep
 
     parameters = [
-        SP.param(f"collapse.thresholds.{kind}", D.UNIFORM, min=0.0, max=2.0, search_center=center)
-        for kind, center in SWEEP_CENTERS.items()
+        SP.param(f"collapse.rank_tol.{kind}", D.LOG_NORMAL, min=1e-3, max=0.5, search_center=center)
+        for kind, center in mc.RankTol().model_dump().items()
     ]
     low, high = epoch_idx
     parameters.append(SP.param("collapse.epoch_idx", D.INT_UNIFORM, min=low, max=high, search_center=(low + high) // 2))

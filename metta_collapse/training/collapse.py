@@ -14,7 +14,6 @@ import torch
 from pydantic import Field
 
 import metta_collapse as mc
-from metta_collapse.basis import MIN_SAMPLES
 from metta_collapse.live import Data, PackedState, collapse_live
 from metta_collapse.training.checkpoint import (
     checkpoint_epochs,
@@ -63,9 +62,9 @@ def policy_data(
     """The collapse's data from token observations (segments, steps, tokens, 3), each segment from zero state."""
     return Data(
         fit=core_inputs(policy, fit),
-        report=lambda p: p(report, {}),
+        report=lambda p, _: p(report, {}),
         select=core_inputs(policy, select),
-        select_behaviour=lambda p: p(select, {}),
+        select_behaviour=lambda p, _: p(select, {}),
         description=description,
         example=core_inputs(policy),
     )
@@ -110,25 +109,10 @@ class CollapseSection(Config):
     seed: int = 0
 
     def check(self) -> None:
-        """Exactly one thing sets the size: the chosen units' own knob or a budget."""
-        given = [f"collapse.{name}.*" for name in ("thresholds", "rank_tol") if getattr(self, name).model_fields_set]
-        given += [f"collapse.budget.{name}" for name in ("params", "kl") if getattr(self.budget, name) is not None]
-        own = "rank_tol" if self.metric == "basis" else "thresholds"
-        foreign = [g for g in given if g.startswith("collapse.t" if own == "rank_tol" else "collapse.r")]
-        if foreign:
-            raise ConfigError(
-                f"{foreign[0]} is not a knob of collapse.metric={self.metric}: its size is set by "
-                f"collapse.{own}.* or collapse.budget.params / collapse.budget.kl"
-            )
-        if len(given) > 1:
-            raise ConfigError(f"the collapse's size is set twice ({' and '.join(given)}): give one of them")
-        if self.metric == "exact" and (self.budget.params is not None or self.budget.kl is not None):
-            raise ConfigError("collapse.metric=exact merges exact copies only: it has no size to budget")
-        if self.metric == "basis" and self.fit_steps < MIN_SAMPLES:
-            raise ConfigError(
-                f"collapse.fit_steps={self.fit_steps}: a basis of the activations needs at least {MIN_SAMPLES} "
-                "agent steps"
-            )
+        try:
+            mc.config.check_section(self)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     def engine_config(self) -> mc.CollapseConfig:
         return mc.CollapseConfig(thresholds=self.thresholds, metric=self.metric, rank_tol=self.rank_tol)

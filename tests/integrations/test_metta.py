@@ -111,6 +111,14 @@ class LSTMWrapper(nn.Module):
         self.lstm_h.clear()
         self.lstm_c.clear()
 
+    def step(self, lstm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One step from the memory of the same batch (zero state otherwise), as Metta's rollouts run it."""
+        state = (self.lstm_h.get(0), self.lstm_c.get(0))
+        fits = state[0] is not None and state[0].shape[1] == x.shape[0]
+        output, (h, c) = lstm(x.unsqueeze(0), state if fits else None)
+        self.lstm_h[0], self.lstm_c[0] = h.detach(), c.detach()
+        return output.squeeze(0)
+
 
 class SeptemberFast(LSTMWrapper):
     """Layer names and shapes of September's `pytorch/fast` (an LSTMWrapper): `policy.*`, a 2-layer `lstm`."""
@@ -123,7 +131,7 @@ class SeptemberFast(LSTMWrapper):
         p = self.policy
         x = torch.relu(p.cnn2(torch.relu(p.cnn1(box))))
         x = torch.relu(p.encoded_obs(torch.relu(p.fc1(torch.flatten(x, 1)))))
-        hidden = self.lstm(x.unsqueeze(0))[0].squeeze(0)
+        hidden = self.step(self.lstm, x)
         query = torch.tanh(torch.relu(p.actor_1(hidden)) @ p.actor_W[0])
         logits = query @ p.action_embeddings.weight[: p.num_active_actions].T + p.actor_bias
         return logits, p.value_head(torch.tanh(p.critic_1(hidden)))
@@ -177,7 +185,7 @@ class ComponentFast(nn.Module):
     def forward(self, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.components
         x = c.encoded_obs(c.fc1(torch.flatten(c.cnn2(c.cnn1(box)), 1)))
-        hidden = c._core_._net(x.unsqueeze(0))[0].squeeze(0)
+        hidden = c._core_.step(c._core_._net, x)
         query = torch.tanh(torch.einsum("b h, h e -> b e", c.actor_1(hidden), c.actor_query.W))
         keys = c._action_embeds_._net(c._action_embeds_.active_indices)
         return query @ keys.T + c._action_.bias, c._value_(c.critic_1(hidden))
@@ -215,12 +223,27 @@ def exact() -> BaseModel:
     return SECTION(metric="exact")
 
 
-def recent(era: str, model: nn.Module) -> dict[str, torch.Tensor]:
-    inputs = adapter.RecentInputs(model, adapter.find_fast(model, era)[1].entries)
+def rollouts(era: str, model: nn.Module, fit_steps: int = 6, box: torch.Tensor = BOX, passes: int = 1):
+    """What the adapter records of `passes` rollout forward passes (no gradients) of boxes like `box`."""
+    prefix, layout = adapter.find_fast(model, era)
+    recording = adapter.Rollouts(layout, fit_steps, agents_per_env=24)
+    recording.watch(model.get_submodule(prefix), layout)
     with torch.no_grad():
-        model(BOX)
-    inputs.remove()
-    return inputs.tensors
+        for index in range(passes):
+            model(box if index == 0 else torch.rand_like(box))
+    model(box)  # a training pass (with gradients) is not recorded
+    recording.unwatch()
+    return recording
+
+
+def filled(era: str, model: nn.Module, inputs: dict[str, torch.Tensor], fit_steps: int = 6) -> adapter.Rollouts:
+    """Rollouts holding `inputs` (entry name -> rows); an LSTM's state at zero."""
+    layout = adapter.find_fast(model, era)[1]
+    recording = adapter.Rollouts(layout, fit_steps)
+    rows = next(iter(inputs.values())).shape[0]
+    states = {} if layout.lstm is None else dict.fromkeys(("h", "c"), torch.zeros(2, rows, 128))
+    recording.add(inputs | states)
+    return recording
 
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
@@ -239,7 +262,7 @@ def test_current_chain_is_analysed_and_collapsed_exactly():
     model = plant(CurrentFast(), skip=("core",))
     optimizer = adam_with_state(model)
     reference = model(BOX)
-    record = adapter.collapse_agent(model, optimizer, "current", exact(), recent("current", model))
+    record = adapter.collapse_agent(model, optimizer, "current", exact(), rollouts("current", model))
     got = widths(record)
     assert {k: got[k] for k in ("cnn_encoder.cnn1", "cnn_encoder.cnn2", "cnn_encoder.fc1")} == {
         "cnn_encoder.cnn1": 32,
@@ -264,7 +287,7 @@ def test_september_chain_collapses_and_updates_the_lstm_wrapper():
             getattr(model.lstm, name).normal_(0, 0.1)
     optimizer = adam_with_state(model)
     reference = model(BOX)
-    record = adapter.collapse_agent(model, optimizer, "september", exact(), recent("september", model))
+    record = adapter.collapse_agent(model, optimizer, "september", exact(), rollouts("september", model))
     got = widths(record)
     assert got["policy.cnn1"] == 32 and got["policy.fc1"] == 64 and got["policy.critic_1"] == 512
     assert got["policy.actor_1"] == 512  # feeds the 3-d bilinear head
@@ -285,7 +308,7 @@ def test_component_fast_collapses_actor_1_and_keeps_its_layers_consistent():
             getattr(model.components._core_._net, name).normal_(0, 0.1)
     optimizer = adam_with_state(model)
     reference = model(BOX)
-    record = adapter.collapse_agent(model, optimizer, "september", exact(), recent("september", model))
+    record = adapter.collapse_agent(model, optimizer, "september", exact(), rollouts("september", model))
     got = widths(record)
     assert got["components.cnn1._net.0"] == 32 and got["components.fc1._net.0"] == 64
     assert got["components.actor_1._net.0"] == 256 and got["components.critic_1._net.0"] == 512
@@ -308,11 +331,12 @@ def test_current_checkpoint_reloads_from_the_synced_architecture_and_never_colla
     config = FastConfig()
     policy = plant(CurrentFast(config), skip=("core",))
     context = SimpleNamespace(policy=policy, optimizer=adam_with_state(policy), epoch=0, agent_step=0)
-    section = SECTION(epoch_idx=1, metric="exact")
+    section = SECTION(epoch_idx=1, metric="exact", fit_steps=6)
     component = adapter.component_class(StandInComponentBase)(adapter.CollapseHook(section, "current"), config)
     component.register(context)
     assert config == FastConfig()  # nothing to write before the collapse
-    policy(BOX)
+    with torch.no_grad():
+        policy(BOX)
     component.on_epoch_end(1)
     assert config.actor_hidden_dim == 256 and config.critic_hidden_dim == 512
     assert config.cnn_encoder_config.cnn1_cfg == {"out_channels": 32, "kernel_size": 5, "stride": 3}
@@ -374,21 +398,23 @@ def test_failure_in_the_component_leaves_policy_and_optimizer_untouched(
         optimizer.train()
         sum(p.square().sum() for p in policy.parameters()).backward()
         optimizer.step()
-        base, section = TrainerComponent, SECTION(epoch_idx=3, thresholds={"linear": 1.5, "critic": 1.5})
+        thresholds = {"linear": 1.5, "critic": 1.5}
+        base, section = TrainerComponent, SECTION(epoch_idx=3, metric="cosine", thresholds=thresholds, fit_steps=6)
     else:
         policy, architecture, inputs = plant(CurrentFast(), skip=("core",)), FastConfig(), {}
         optimizer = adam_with_state(policy)
-        base, section = StandInComponentBase, SECTION(epoch_idx=3, metric="exact")
+        base, section = StandInComponentBase, SECTION(epoch_idx=3, metric="exact", fit_steps=6)
     context = SimpleNamespace(policy=policy, optimizer=optimizer, epoch=0, agent_step=0)
     wandb_run = SimpleNamespace(logged=[], log=lambda values: wandb_run.logged.append(values), summary={})
     hook = adapter.CollapseHook(section, "current", wandb_run)
     component = adapter.component_class(base)(hook, architecture)
     component.register(context)
+    component.on_epoch_end(2)  # too early to collapse; from here on the rollouts are recorded
     if inputs:
-        hook.latest.update(inputs)
+        hook.rollouts = filled("current", policy, inputs)
     else:
-        policy(BOX)
-    component.on_epoch_end(2)
+        with torch.no_grad():
+            policy(BOX)
     before = snapshot(policy, optimizer)
     spec = architecture.model_dump()
 
@@ -418,11 +444,15 @@ def test_component_collapses_once_at_epoch_idx_and_logs_the_record():
     logged: list = []
     wandb_run = SimpleNamespace(log=logged.append, summary={})
     component = adapter.component_class(StandInComponentBase)(
-        adapter.CollapseHook(SECTION(epoch_idx=2, metric="exact"), "current", wandb_run)
+        adapter.CollapseHook(SECTION(epoch_idx=2, metric="exact", fit_steps=6), "current", wandb_run)
     )
     component.register(context)
-    component.on_epoch_end(2)  # no forward pass yet: waits
-    policy(BOX)
+    component.on_epoch_end(2)  # no rollout yet: waits
+    policy(BOX)  # a training pass: not data for the collapse
+    component.on_epoch_end(2)
+    assert getattr(policy, adapter.MARKER, None) is None
+    with torch.no_grad():
+        policy(BOX)
     component.on_epoch_end(2)
     record = getattr(policy, adapter.MARKER)
     assert record["epoch"] == 2 and logged[0]["collapse/params_after"] == record["params_after"]
@@ -454,6 +484,14 @@ def test_settings_that_break_an_in_place_collapse_are_refused_before_training(mo
         adapter.refuse_unsupported(tool)
     tool.collapse.enabled = False
     adapter.refuse_unsupported(tool)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for section, message in (
+        (SECTION(metric="cosine", rank_tol={"lstm": 0.1}), "collapse.rank_tol.* is not a knob of collapse.metric"),
+        (SECTION(budget={"params": 0.5}, rank_tol={"lstm": 0.1}), "size is set twice"),
+        (SECTION(fit_steps=500), "at least 1000"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            adapter.refuse_unsupported(SimpleNamespace(collapse=section, trainer=tool.trainer))
 
 
 class StandInLossBase:
@@ -478,12 +516,13 @@ def test_september_loss_collapses_at_epoch_idx_and_never_twice_after_a_resume():
     torch.manual_seed(4)
     agent = plant(SeptemberFast(), skip=())
     optimizer = adam_with_state(agent)
-    config = SimpleNamespace(section=SECTION(epoch_idx=4, metric="exact"))
+    config = SimpleNamespace(section=SECTION(epoch_idx=4, metric="exact", fit_steps=6))
     loss = adapter.loss_class(StandInLossBase)(agent, None, None, "cpu", None, "collapse", config)
     state = SimpleNamespace(epoch=3, agent_step=10, optimizer=optimizer)
     loss.on_new_training_run(state)
     loss.on_rollout_start(state)
-    agent(BOX)
+    with torch.no_grad():
+        agent(BOX)
     assert agent.policy.cnn1._forward_pre_hooks
     loss.on_train_phase_end(state)
     assert not agent.policy.cnn1._forward_pre_hooks  # a checkpoint never pickles the hooks
@@ -538,9 +577,9 @@ def test_failure_in_the_september_loss_leaves_agent_and_optimizer_untouched(
 
         (agent, box), base = september_agent(where), BaseLoss
     optimizer = adam_with_state(agent)
-    config = SimpleNamespace(section=SECTION(epoch_idx=1))
+    config = SimpleNamespace(section=SECTION(epoch_idx=1, metric="cosine", fit_steps=6))
     loss = adapter.loss_class(base)(agent, None, None, "cpu", None, "collapse", config)
-    loss.hook.latest["box"] = box  # what the loss's hooks keep from a rollout
+    loss.hook.rollouts = filled("september", agent, {"box": box})  # what the loss's hooks record
     before = snapshot(agent, optimizer)
     memory = [vars(m).get("lstm_h") for m in agent.modules() if "lstm_h" in vars(m)]
 
@@ -567,9 +606,9 @@ def test_inside_september_metta_the_collapsed_agent_is_pickled_with_its_record(n
 
     torch.manual_seed(9)
     agent, box = september_agent(name)
-    config = SimpleNamespace(section=SECTION(epoch_idx=1))
+    config = SimpleNamespace(section=SECTION(epoch_idx=1, metric="cosine", fit_steps=6))
     loss = adapter.loss_class(BaseLoss)(agent, None, None, "cpu", None, "collapse", config)
-    loss.hook.latest["box"] = box
+    loss.hook.rollouts = filled("september", agent, {"box": box})
     loss.on_new_training_run(SimpleNamespace(epoch=1, agent_step=0, optimizer=adam_with_state(agent)))
     record = getattr(agent, adapter.MARKER)
     assert record["params_after"] == sum(p.numel() for p in agent.parameters()) < record["params_before"]
@@ -610,6 +649,10 @@ OVERRIDES = {
     "collapse.thresholds.cnn": 0.3,
     "collapse.thresholds.critic": 0.4,
     "collapse.metric": "exact",
+    "collapse.rank_tol.lstm": 0.05,
+    "collapse.budget.params": 0.3,
+    "collapse.refit": False,
+    "collapse.fit_steps": 2048,
     "collapse.mode": "random_ablation",
     "collapse.optimizer_state": "reset",
     "collapse.seed": 7,
@@ -634,12 +677,10 @@ def test_the_recipe_has_the_same_override_paths_in_both_runtimes(monkeypatch: py
     }
     embedded_fields = type(embedded.collapse).model_fields
     for name, field in type(tool.collapse).model_fields.items():
-        # inside Metta the units are still the weight metrics' (no rollout data reaches the adapter yet)
-        default = "cosine" if name == "metric" else embedded_fields[name].default
-        assert name in embedded_fields and field.default == default, name
-    assert adapter.engine_config(tool.collapse) == embedded.collapse.engine_config().model_copy(
-        update={"rank_tol": mc.RankTol()}
-    )
+        assert name in embedded_fields and field.default == embedded_fields[name].default, name
+        if field.default_factory is not None:
+            assert field.default_factory().model_dump() == embedded_fields[name].default_factory().model_dump(), name
+    assert adapter.engine_config(tool.collapse) == embedded.collapse.engine_config()
 
 
 def create_tool(section: type) -> BaseModel:
@@ -703,11 +744,12 @@ def test_inside_metta_a_collapsed_fast_policy_reloads_strictly_from_its_checkpoi
 
     torch.manual_seed(7)
     policy, architecture, inputs = metta_fast_policy()
-    section = SECTION(epoch_idx=1, thresholds={"linear": 1.5, "cnn": 1.5, "lstm": 1.0, "critic": 1.5})
+    thresholds = {"linear": 1.5, "cnn": 1.5, "lstm": 1.0, "critic": 1.5}
+    section = SECTION(epoch_idx=1, metric="cosine", thresholds=thresholds, fit_steps=6)
     hook = adapter.CollapseHook(section, "current")
     component = adapter.component_class(TrainerComponent)(hook, architecture)
     component.register(SimpleNamespace(policy=policy, optimizer=adam_with_state(policy), epoch=0, agent_step=0))
-    hook.latest.update(inputs)
+    hook.rollouts = filled("current", policy, inputs)
     component.on_epoch_end(1)
     record = getattr(policy, adapter.MARKER)
     assert record["params_after"] < record["params_before"]
@@ -722,12 +764,13 @@ def test_inside_metta_the_sweep_searches_override_paths_of_the_train_tool():
     recipe = importlib.import_module("experiments.recipes.collapse_arena")
     sweep = recipe.sweep("cs1")
     assert (sweep.recipe_module, sweep.train_entrypoint) == ("experiments.recipes.collapse_arena", "train")
-    thresholds = {f"collapse.thresholds.{kind}" for kind in adapter.SWEEP_CENTERS}
-    assert set(sweep.search_space) == thresholds | {"collapse.epoch_idx"}
+    knob = {f"collapse.rank_tol.{kind}" for kind in mc.RankTol.model_fields}
+    assert set(sweep.search_space) == knob | {"collapse.epoch_idx"}
     tool = recipe.train()
     for path, parameter in sweep.search_space.items():  # what a trial does: `./tools/run.py ... path=value`
         tool.override(path, int(parameter.max) if path.endswith("epoch_idx") else parameter.max)
-    assert set(tool.collapse.thresholds.model_dump().values()) == {2.0} and tool.collapse.epoch_idx == 1000
+    assert set(tool.collapse.rank_tol.model_dump().values()) == {0.5} and tool.collapse.epoch_idx == 1000
+    adapter.refuse_unsupported(tool)  # one knob: a trial runs
 
 
 def test_a_september_stand_in_keeps_its_lstms_at_a_quarter_of_the_parameters():
@@ -765,3 +808,28 @@ def test_a_september_stand_in_keeps_its_lstms_at_a_quarter_of_the_parameters():
     with torch.no_grad():
         reference, refitted, merged = original(*data)[1], chain(*small)[1], plain(*small)[1]
     assert (refitted - reference).abs().max() < (merged - reference).abs().max()
+
+
+@pytest.mark.parametrize(
+    ("era", "make"), [("current", CurrentFast), ("september", ComponentFast), ("september", SeptemberFast)]
+)
+def test_on_the_adapters_rollouts_the_refit_changes_the_policy_less_than_the_plain_merge(era: str, make: type):
+    torch.manual_seed(10)
+    model = make()
+    box = torch.rand(96, 24, 11, 11)  # 4 environment copies of 24 agents a pass
+    recording = rollouts(era, model, fit_steps=1200, box=box, passes=25)
+    assert recording.ready() and not recording.by_agent
+    assert recording.count("fit") == 1200 and recording.count("report") == 600
+    sections = {
+        "plain": SECTION(metric="cosine", refit=False, budget={"params": 0.5}),
+        "refit": SECTION(metric="cosine", budget={"params": 0.5}),
+        "default": SECTION(budget={"params": 0.5}),
+    }
+    kl = {}
+    for name, section in sections.items():
+        trial = copy.deepcopy(model)
+        record = adapter.collapse_agent(trial, torch.optim.Adam(trial.parameters()), era, section, recording)
+        assert record["params_after"] < record["params_before"] and "environment copy" in record["measured_on"]
+        assert record["refit"] == (name != "plain") and record["metric"] == section.metric
+        kl[name] = record["kl_mean"]
+    assert kl["refit"] < kl["plain"] and kl["default"] < kl["plain"], kl
