@@ -13,7 +13,7 @@ from torch import nn
 
 from metta_collapse.analysis import analyze
 from metta_collapse.basis import apply_widths, bases, scale_for_params, smallest_scale, structure, widths_at
-from metta_collapse.config import Budget, CollapseConfig, ModelSpec, Thresholds
+from metta_collapse.config import Budget, CollapseConfig, ModelSpec, RankTol, Thresholds
 from metta_collapse.errors import CollapseError
 from metta_collapse.plan import CollapsePlan
 from metta_collapse.refit import refit
@@ -123,6 +123,25 @@ class Sizer:
         plan = analyze(self.module, self.data.example or self.data.fit, scaled, self.spec)
         return plan, None, {"thresholds": thresholds}
 
+    def allocate(self, fraction: float, change: Callable[[float], float]) -> float:
+        """budget.params with a basis: of the configured rank tolerances and those with one kind's halved (the
+        others then loosen to keep the budget), the ones whose plan at `fraction` changes the policy least,
+        `change(scale)` (the select part's KL after the refit). Sets them as the config; returns their scale."""
+        base, best, seen = self.config, None, set()
+        for kind in (None, *RankTol.model_fields):
+            tolerances = base.rank_tol.model_dump()
+            if kind is not None:
+                tolerances[kind] /= 2
+            self.config = base.model_copy(update={"rank_tol": RankTol(**tolerances)})
+            scale = self.for_params(fraction)
+            widths = tuple(widths_at(self.bases, self.config.rank_tol, scale))
+            if widths not in seen:
+                seen.add(widths)
+                candidate = (change(scale), self.config, scale)
+                best = candidate if best is None or candidate[0] < best[0] else best
+        self.config = best[1]
+        return best[2]
+
     def for_params(self, fraction: float) -> float:
         """The smallest scale whose plan keeps at most `fraction` of the parameters."""
         if self.config.metric == "basis":
@@ -193,25 +212,34 @@ def collapse_live(
     start = time.perf_counter()
     sizer = Sizer(module, data, spec, config)
     original = copy.deepcopy(module)
+    reference = []
+
+    def change(scale: float) -> float:
+        """The select part's KL after a trial collapse at `scale`, on a copy of the policy."""
+        if not reference:
+            with torch.no_grad():
+                reference.append(data.select_behaviour(policy, None))
+        trial = copy.deepcopy(policy)
+        plan, kept, _ = sizer.plan(scale)
+        _apply(trial, target, plan, kept, mode, seed, data, refit_weights, original)
+        with torch.no_grad():
+            return behaviour_change(reference[0], data.select_behaviour(trial, plan))["kl_mean"]
+
     scale = 1.0
-    if budget.params is not None:
+    if budget.params is not None and config.metric == "basis" and data.select_behaviour is not None:
+        scale = sizer.allocate(budget.params, change) if mode != "scratch" else sizer.for_params(budget.params)
+    elif budget.params is not None:
         scale = sizer.for_params(budget.params)
     elif budget.kl is not None:
         if data.select_behaviour is None:
             raise CollapseError("budget.kl needs the select part of the data")
-        with torch.no_grad():
-            reference = data.select_behaviour(policy, None)
-
-        def within(scale: float) -> bool:
-            trial = copy.deepcopy(policy)
-            plan, kept, _ = sizer.plan(scale)
-            _apply(trial, target, plan, kept, mode, seed, data, refit_weights, original)
-            with torch.no_grad():
-                return behaviour_change(reference, data.select_behaviour(trial, plan))["kl_mean"] <= budget.kl
-
         # the largest collapse within the budget: the smallest model whose KL stays under it
         scale = 1.0 / smallest_scale(
-            lambda inverse: within(1.0 / inverse), 1.0 / sizer.largest_scale, 1e3, f"budget.kl={budget.kl}", steps=6
+            lambda inverse: change(1.0 / inverse) <= budget.kl,
+            1.0 / sizer.largest_scale,
+            1e3,
+            f"budget.kl={budget.kl}",
+            steps=6,
         )
     plan, kept, knob = sizer.plan(scale)
     params_before = sum(p.numel() for p in policy.parameters())

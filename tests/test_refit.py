@@ -111,3 +111,24 @@ def test_a_parameter_budget_is_never_exceeded_and_lstm_widths_follow_the_data():
             layer.key: layer.width_after for layer in plan.layers if layer.key in kept
         }
         assert chosen["scale"] > 0
+
+
+def test_a_parameter_budget_takes_the_allocation_its_judge_prefers_within_the_budget():
+    policy = random_policy()
+    data = mc.live.Data(fit=core_data(policy, 32, 40), report=None, select=core_data(policy, 32, 40, seed=1))
+    sizer = mc.live.Sizer(policy.core, data, SPEC, mc.CollapseConfig(metric="basis"))
+    judged = []
+
+    def lstm_units(scale: float) -> int:
+        return sum(layer.width_after for layer in sizer.plan(scale)[0].layers if layer.kind == "lstm")
+
+    def change(scale: float) -> float:  # a judge that prefers wide LSTMs
+        judged.append((lstm_units(scale), sizer.config.rank_tol))
+        return -lstm_units(scale)
+
+    scale = sizer.allocate(0.3, change)
+    plan, _, knob = sizer.plan(scale)
+    assert plan.kept_fraction <= 0.3 and len({units for units, _ in judged}) > 1
+    assert lstm_units(scale) == max(units for units, _ in judged)
+    assert sizer.config.rank_tol.lstm < mc.RankTol().lstm  # the halved LSTM tolerance won
+    assert knob["rank_tol"] == sizer.config.rank_tol.scaled(scale)

@@ -96,8 +96,13 @@ def frontier(
     sizers = {name: Sizer(policy.core, data, CORE_SPEC, mc.CollapseConfig(metric=name)) for name in units}
     for budget in budgets:
         for name, sizer in sizers.items():
-            config = at_budget(sizer, budget)
-            rows += [row(collapse_copy(policy, data, config, refit), name, budget) for refit in (True, False)]
+            if name == "basis":  # the recipe's budget search (its allocation is judged on the select part)
+                refitted = collapse_copy(policy, data, sizer.config, True, mc.Budget(params=budget))
+                config = sizer.config.model_copy(update={"rank_tol": mc.RankTol(**refitted["rank_tol"])})
+            else:
+                config = at_budget(sizer, budget)
+                refitted = collapse_copy(policy, data, config, True)
+            rows += [row(refitted, name, budget), row(collapse_copy(policy, data, config, False), name, budget)]
             if name == "basis":
                 for seed in range(random_seeds):
                     record = collapse_copy(policy, data, config, True, mode="random_ablation", seed=seed)
