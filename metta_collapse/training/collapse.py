@@ -283,7 +283,7 @@ class CollapseTrainTool(TrainTool):
             where = f"environment copy {n} of {n} of epoch {epoch}'s experience"
         for name in ("select", "report"):
             if name not in parts:
-                parts[name] = self.rollout_segments(policy, 1, seed + 100 * len(parts))
+                parts[name] = self.rollout_segments(policy, 2, seed + 100 * len(parts))
         fit = [observations] if observations is not None else []
         while sum(len(o) for o in fit) * horizon < c.fit_steps:
             fit.append(self.rollout_segments(policy, 1, seed + 100 * (2 + len(fit))))
@@ -294,10 +294,10 @@ class CollapseTrainTool(TrainTool):
         return policy_data(policy, fit_observations, select, report, description)
 
     def rollout_segments(self, policy: FastPolicy, copies: int, seed: int) -> torch.Tensor:
-        """Fresh rollouts of `copies` environment copies, half of `collapse.fit_steps` each, as (segments,
-        bptt_horizon, ...)."""
+        """Fresh rollouts of `copies` environment copies, a quarter of `collapse.fit_steps` each (the fit part
+        spans at least 4 maps), as (segments, bptt_horizon, ...)."""
         horizon, env_cfg = self.trainer.bptt_horizon, self.training_env.make_config()
-        steps = math.ceil(self.collapse.fit_steps / 2 / env_cfg.game.num_agents / horizon) * horizon
+        steps = math.ceil(self.collapse.fit_steps / 4 / env_cfg.game.num_agents / horizon) * horizon
         observations, _ = rollouts(policy, env_cfg, copies, steps, seed)
         return observations.reshape(-1, horizon, *observations.shape[2:])
 
