@@ -1,21 +1,29 @@
-"""The study's validation protocol on the small arena, scaled to 2 CPU cores: four arms, several seeds.
+"""Is collapsing better than what a user would do instead? Five arms on the small arena, the same seeds for all.
 
-Per seed: a baseline trains `--epochs` epochs; at epoch E it is branched (`collapse.init_from`) into a collapse
-at the default thresholds and a random ablation at identical widths, both continuing to the same total agent
-steps (they inherit the baseline's first E epochs); the small architecture trains from scratch from step 0 for
-the same total. Equal budgets are counted in agent steps from step 0. "Final reward" is the mean
-`experience/rewards` over the last 10 % of the budget; each arm is reported as the mean and spread (min..max,
-standard deviation) over seeds, with the reward just before and just after the cut. `metta-collapse compare`
-draws the four arms of the first seed, and the seeds' mean curves are drawn per arm.
+Per seed: the **baseline** (the full `fast` policy, never collapsed) trains `--epochs` epochs; at epoch E =
+epochs / 2 it is branched into the **collapse** (the recipe's default units + refit at `budget.params`), the
+**study's fibers** (cosine + refit at the same budget), **random units + refit** and **scratch** (the small network
+trained from step 0 for the whole budget), the last two at the collapse arm's per-layer widths (its chosen rank
+tolerances, on the same data). The baseline after the cut is the continuation to compare with.
 
-Wall-clock budget: about 6 minutes per seed at the defaults (40 epochs, E = 20), 18 minutes for 3 seeds.
+Each run is `tools/run.py experiments.recipes.collapse_arena.small` in its own process, `--jobs` at a time, each
+as soon as what it branches from exists; a run already finished on disk is skipped and a partial one resumes, so
+the benchmark resumes arm by arm. `--smoke`: one seed, 8 epochs (minutes).
 
-    python benchmarks/validation.py [--seeds 3] [--epochs 40] [--collapse-epoch 20] [--out DIR]
+Per arm and seed, `validation.json` holds: parameters, final reward (mean `experience/rewards` over the last 10 %
+of epochs), the reward over the 5 epochs after the cut, the AUC after the cut (reward integrated over agent steps
+from the cut to the end), the agent steps after the cut until the 5-epoch mean first regains the baseline's mean
+over the 5 epochs before the cut (scratch: counted from the same agent step), and the run's wall time. Also the
+kept fraction a collapse would have at the baseline's checkpoints (cosine at the study's thresholds, the basis at
+its default rank_tol). `validation.png`: seed mean ± std per arm, the cut marked; `compare.*` for seed 0.
+
+    python benchmarks/validation.py [--seeds 3] [--epochs 164] [--budget 0.25] [--jobs 2] [--smoke] [--out DIR]
 """
 
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,168 +33,235 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `experiments` lives at the repository root
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `experiments` lives at the repository root
 
 from experiments.recipes import collapse_arena  # noqa: E402
+from metta_collapse import CollapseConfig  # noqa: E402
 from metta_collapse.cli import main as cli  # noqa: E402
-from metta_collapse.training.config import apply_override  # noqa: E402
+from metta_collapse.training.checkpoint import checkpoint_epochs, load_checkpoint, policy_from_checkpoint  # noqa: E402
+from metta_collapse.training.collapse import collapse_copy  # noqa: E402
+from metta_collapse.training.frontier import frontier_data  # noqa: E402
 from metta_collapse.training.metrics import read_metrics  # noqa: E402
 
-ARMS = {"baseline": None, "collapsed": "fibration", "random ablation": "random_ablation", "scratch": "scratch"}
+ARMS = ("baseline", "collapse", "cosine + refit", "random units + refit", "scratch")
+AFTER = 5  # epochs after the cut (and before it, for the level to regain)
 
 
-def run(train_dir: Path, name: str | None, overrides: dict[str, object]) -> str:
-    tool = collapse_arena.small(name)
-    for key, value in {
-        "train_dir": str(train_dir),
-        "wandb.enabled": "false",
-        "trainer.checkpoint.wandb_checkpoint_interval": "0",
-        **overrides,
-    }.items():
-        apply_override(tool, key, str(value))
-    tool.invoke()
-    return tool.run
+def arm_overrides(arm: str, seed: int, cut: int, budget: float, widths_of: dict | None) -> dict[str, str]:
+    """The recipe's overrides of an arm; `widths_of`: the collapse arm's record (random units and scratch)."""
+    if arm == "baseline":
+        return {"collapse.enabled": "false"}
+    branch = {"collapse.init_from": f"s{seed}_baseline", "collapse.epoch_idx": str(cut), "collapse.seed": str(seed)}
+    if arm == "collapse":
+        return branch | {"collapse.budget.params": str(budget)}
+    if arm == "cosine + refit":
+        return branch | {"collapse.metric": "cosine", "collapse.budget.params": str(budget)}
+    mode = "random_ablation" if arm == "random units + refit" else "scratch"
+    knob = {f"collapse.rank_tol.{kind}": repr(value) for kind, value in widths_of["rank_tol"].items()}
+    return branch | knob | {"collapse.mode": mode}
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
+def run_name(seed: int, arm: str) -> str:
+    return f"s{seed}_{arm.split()[0]}"
+
+
+def finished(train_dir: Path, name: str, total: int) -> bool:
+    path = train_dir / name / "metrics.jsonl"
+    return path.exists() and any(m["metric/agent_step"] >= total for m in read_metrics(path))
+
+
+def schedule(args: argparse.Namespace, train_dir: Path, total: int, cut: int) -> dict[str, float]:
+    """Run every (seed, arm) as a process, `args.jobs` at a time, each once its source exists; their wall times."""
+    pending = [(seed, arm) for seed in range(args.seeds) for arm in ARMS]
+    running: dict[tuple, tuple[subprocess.Popen, float]] = {}
+    walls: dict[str, float] = {}
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def ready(seed: int, arm: str) -> dict | None:
+        if arm == "baseline":
+            return {}
+        baseline = run_name(seed, "baseline")
+        if cut not in checkpoint_epochs(train_dir / baseline / "checkpoints", baseline):
+            return None
+        if arm in ("random units + refit", "scratch"):
+            record = train_dir / run_name(seed, "collapse") / "collapse.json"
+            return json.loads(record.read_text()) if record.exists() else None
+        return {}
+
+    while pending or running:
+        for key, (process, started) in list(running.items()):
+            if process.poll() is not None:
+                del running[key]
+                walls[run_name(*key)] = time.time() - started
+                if process.returncode != 0:
+                    raise SystemExit(f"{run_name(*key)} failed (exit {process.returncode}): see {logs}")
+                print(f"{run_name(*key)} done in {walls[run_name(*key)]:.0f}s", flush=True)
+        for seed, arm in list(pending):
+            if len(running) >= args.jobs:
+                break
+            if finished(train_dir, run_name(seed, arm), total):
+                pending.remove((seed, arm))
+                continue
+            source = ready(seed, arm)
+            if source is None:
+                continue
+            pending.remove((seed, arm))
+            overrides = {
+                "run": run_name(seed, arm),
+                "train_dir": str(train_dir),
+                "seed": str(seed),
+                "trainer.total_timesteps": str(total),
+                "trainer.checkpoint.checkpoint_interval": str(cut // 2),
+                "trainer.checkpoint.wandb_checkpoint_interval": "0",
+                "wandb.enabled": "false",
+                **arm_overrides(arm, seed, cut, args.budget, source),
+            }
+            command = [sys.executable, "tools/run.py", "experiments.recipes.collapse_arena.small"]
+            command += [f"{key}={value}" for key, value in overrides.items()]
+            log = (logs / f"{run_name(seed, arm)}.log").open("a")
+            running[(seed, arm)] = (
+                subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT),
+                time.time(),
+            )
+        time.sleep(2)
+    return walls
+
+
+def measures(metrics: list[dict], cut_step: int, level: float, tail: int, scratch: bool) -> dict:
+    steps = [m["metric/agent_step"] for m in metrics]
+    rewards = [m["experience/rewards"] for m in metrics]
+    after = [i for i, step in enumerate(steps) if step > cut_step]
+    auc = sum((steps[i] - steps[i - 1]) * (rewards[i] + rewards[i - 1]) / 2 for i in after if i > 0)
+    regained = next(
+        (steps[i] - cut_step for i in after if statistics.fmean(rewards[max(0, i - AFTER + 1) : i + 1]) >= level),
+        None,
+    )
+    return {
+        "final_reward": statistics.fmean(rewards[-tail:]),
+        "reward_after_cut": statistics.fmean(rewards[i] for i in after[:AFTER]),
+        "auc_after_cut": auc,
+        "steps_to_regain": regained,
+        "agent_steps": steps[-1],
+        "counted_from": 0 if scratch else cut_step,
+    }
+
+
+def symmetry(train_dir: Path, name: str) -> list[dict]:
+    """The kept fraction of a collapse at each of the baseline's checkpoints: cosine at the study's thresholds
+    (the plain merge), the basis at its default rank_tol (with the refit), on fresh rollouts of that policy."""
+    rows = []
+    for epoch, path in sorted(checkpoint_epochs(train_dir / name / "checkpoints", name).items()):
+        policy = policy_from_checkpoint(load_checkpoint(path)).eval()
+        data, _ = frontier_data(policy, "small", 6144, 2, 1, 64)
+        kept = {}
+        for metric, refit in (("cosine", False), ("basis", True)):
+            record = collapse_copy(policy, data, CollapseConfig(metric=metric), refit)
+            kept[metric] = record["params_after"] / record["params_before"]
+        rows.append({"epoch": epoch, "kept_cosine": kept["cosine"], "kept_basis": kept["basis"]})
+    return rows
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "n": len(values)} if values else None
+
+
+def plot(results: dict, cut_step: int, path: Path) -> None:
+    figure = Figure(figsize=(10, 5.5))
+    axes = figure.subplots()
+    for arm, entries in results.items():
+        curves = [e["curve"] for e in entries]
+        length = min(len(c) for c in curves)
+        steps = [curves[0][i][0] for i in range(length)]
+        start = 0 if arm in ("baseline", "scratch") else next(i for i, s in enumerate(steps) if s > cut_step)
+        smooth = [[statistics.fmean(r for _, r in c[max(0, i - 4) : i + 1]) for i in range(length)] for c in curves]
+        mean = [statistics.fmean(s[i] for s in smooth) for i in range(length)]
+        std = [statistics.pstdev(s[i] for s in smooth) for i in range(length)]
+        line = axes.plot(steps[start:], mean[start:], label=f"{arm} ({entries[0]['params']:,} params)")[0]
+        low, high = [m - d for m, d in zip(mean, std, strict=True)], [m + d for m, d in zip(mean, std, strict=True)]
+        axes.fill_between(steps[start:], low[start:], high[start:], color=line.get_color(), alpha=0.15)
+    axes.axvline(cut_step, color="gray", linestyle="--", label="cut (branches start here)")
+    axes.set_xlabel("agent steps")
+    axes.set_ylabel("experience/rewards (5-epoch mean; band: ± std over seeds)")
+    axes.legend(fontsize=8, loc="upper left")
+    figure.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--collapse-epoch", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/validation"))
+    parser.add_argument("--epochs", type=int, default=164)
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="one seed, 8 epochs")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.epochs = 1, 8
+    args.out = args.out or REPO / "benchmarks" / "results" / ("validation_smoke" if args.smoke else "validation")
     args.out.mkdir(parents=True, exist_ok=True)
     train_dir = args.out / "train_dir"
     epoch_steps = collapse_arena.small().trainer.batch_size
-    total = args.epochs * epoch_steps
-    tail = max(1, args.epochs // 10)
+    total, cut = args.epochs * epoch_steps, args.epochs // 2
+    cut_step, tail = cut * epoch_steps, max(1, args.epochs // 10)
     start = time.time()
+    walls = schedule(args, train_dir, total, cut)
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
-    first_seed_runs = []
     for seed in range(args.seeds):
-        base = f"base_seed{seed}"
-        runs = {
-            "baseline": run(
-                train_dir,
-                base,
-                {
-                    "seed": seed,
-                    "collapse.enabled": "false",
-                    "trainer.total_timesteps": total,
-                    "trainer.checkpoint.checkpoint_interval": args.collapse_epoch,
-                },
-            )
-        }
-        for arm, mode in list(ARMS.items())[1:]:
-            runs[arm] = run(
-                train_dir,
-                f"{base}_{mode}",
-                {
-                    "seed": seed,
-                    "collapse.init_from": base,
-                    "collapse.epoch_idx": args.collapse_epoch,
-                    "collapse.mode": mode,
-                    "collapse.seed": seed,
-                    "trainer.total_timesteps": total,
-                },
-            )
-        for arm, name in runs.items():
+        base = read_metrics(train_dir / run_name(seed, "baseline") / "metrics.jsonl")
+        level = statistics.fmean(m["experience/rewards"] for m in base if cut - AFTER < m["metric/epoch"] <= cut)
+        for arm in ARMS:
+            name = run_name(seed, arm)
             metrics = read_metrics(train_dir / name / "metrics.jsonl")
-            rewards = [m["experience/rewards"] for m in metrics]
             record_path = train_dir / name / "collapse.json"
             record = json.loads(record_path.read_text()) if record_path.exists() else None
-            cut = [
-                m["experience/rewards"]
-                for m in metrics
-                if m["metric/epoch"] in (args.collapse_epoch, args.collapse_epoch + 1)
-            ]
             results[arm].append(
                 {
                     "seed": seed,
                     "run": name,
-                    "final_reward": statistics.fmean(rewards[-tail:]),
-                    "agent_steps": metrics[-1]["metric/agent_step"],
-                    "params": record["params_after"] if record else None,
-                    "params_before": record["params_before"] if record else None,
-                    "reward_at_cut": cut[0] if len(cut) == 2 and arm in ("collapsed", "random ablation") else None,
-                    "reward_after_cut": cut[1] if len(cut) == 2 and arm in ("collapsed", "random ablation") else None,
+                    "params": record["params_after"] if record else policy_params(train_dir / name),
+                    "widths": {layer["name"]: layer["width_after"] for layer in record["layers"]} if record else None,
+                    "wall_seconds": walls.get(name),
+                    **measures(metrics, cut_step, level, tail, arm == "scratch"),
                     "curve": [(m["metric/agent_step"], m["experience/rewards"]) for m in metrics],
                 }
             )
-        if seed == 0:
-            first_seed_runs = list(runs.values())
-        print(f"seed {seed} done ({time.time() - start:.0f}s)", flush=True)
-
-    cli(
-        [
-            "compare",
-            *first_seed_runs,
-            "--train-dir",
-            str(train_dir),
-            "--smooth",
-            "5",
-            "--last",
-            str(tail),
-            "--out",
-            str(args.out),
-        ]
-    )
-    figure = Figure(figsize=(9, 5))
-    axes = figure.subplots()
-    for arm, entries in results.items():
-        steps = [step for step, _ in entries[0]["curve"]]
-        mean_curve = [statistics.fmean(e["curve"][i][1] for e in entries) for i in range(len(steps))]
-        axes.plot(steps, mean_curve, label=f"{arm} (mean of {len(entries)} seeds)")
-    axes.axvline(args.collapse_epoch * epoch_steps, color="gray", linestyle="--", label="collapse")
-    axes.set_xlabel("agent steps")
-    axes.set_ylabel("experience/rewards")
-    axes.legend()
-    figure.savefig(args.out / "validation.png", dpi=120)
-
-    summary = {
-        arm: {
-            "final_reward": spread([e["final_reward"] for e in entries]),
-            "params": entries[0]["params"],
-            "runs": entries,
-        }
-        for arm, entries in results.items()
-    }
-    baseline_params = results["collapsed"][0]["params_before"]
-    print(
-        f"\nfinal reward = mean experience/rewards over the last {tail} of {args.epochs} epochs "
-        f"({total:,} agent steps), {args.seeds} seeds"
-    )
-    print(f"{'arm':<16} {'params':>8} {'mean':>9} {'std':>9} {'min':>9} {'max':>9} {'at cut':>9} {'after cut':>9}")
+    fields = ("params", "final_reward", "reward_after_cut", "auc_after_cut", "steps_to_regain")
+    summary = {arm: {f: spread([e[f] for e in entries]) for f in fields} for arm, entries in results.items()}
+    print(f"\n{args.seeds} seeds x {total:,} agent steps per arm, cut at epoch {cut} ({cut_step:,} steps)")
+    print(f"{'arm':<22}" + "".join(f"{f:>26}" for f in fields))
     for arm, row in summary.items():
-        f = row["final_reward"]
-        at_cut = [e["reward_at_cut"] for e in row["runs"] if e["reward_at_cut"] is not None]
-        after = [e["reward_after_cut"] for e in row["runs"] if e["reward_after_cut"] is not None]
-        params = row["params"] if row["params"] is not None else baseline_params
-        print(
-            f"{arm:<16} {params if params is not None else '-':>8} {f['mean']:>9.5f} {f['std']:>9.5f} "
-            f"{f['min']:>9.5f} {f['max']:>9.5f} "
-            f"{statistics.fmean(at_cut) if at_cut else float('nan'):>9.5f} "
-            f"{statistics.fmean(after) if after else float('nan'):>9.5f}"
-        )
-    (args.out / "validation.json").write_text(
-        json.dumps(
-            {
-                "seeds": args.seeds,
-                "epochs": args.epochs,
-                "collapse_epoch": args.collapse_epoch,
-                "epoch_agent_steps": epoch_steps,
-                "final_reward_epochs": tail,
-                "wall_seconds": time.time() - start,
-                "arms": summary,
-            },
-            indent=2,
-        )
-    )
-    print(f"\nwall time {time.time() - start:.0f}s; wrote {args.out}/validation.json, validation.png, compare.*")
+        cells = [f"{s['mean']:.4g} ± {s['std']:.2g} ({s['n']})" if s else "never" for s in row.values()]
+        print(f"{arm:<22}" + "".join(f"{c:>26}" for c in cells))
+    print("symmetry over training (kept fraction at the baseline's checkpoints):")
+    over_training = {seed: symmetry(train_dir, run_name(seed, "baseline")) for seed in range(args.seeds)}
+    for seed, rows in over_training.items():
+        kept = [f"e{r['epoch']} cosine {r['kept_cosine']:.1%} basis {r['kept_basis']:.1%}" for r in rows]
+        print(f"  seed {seed}: " + ", ".join(kept))
+    plot(results, cut_step, args.out / "validation.png")
+    cli(["compare", *(run_name(0, arm) for arm in ARMS), "--train-dir", str(train_dir), "--out", str(args.out)])
+    payload = {
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "cut_epoch": cut,
+        "epoch_agent_steps": epoch_steps,
+        "budget_params": args.budget,
+        "jobs": args.jobs,
+        "final_reward_epochs": tail,
+        "wall_seconds": time.time() - start,
+        "summary": summary,
+        "symmetry_over_training": over_training,
+        "runs": results,
+    }
+    (args.out / "validation.json").write_text(json.dumps(payload, indent=1))
+    print(f"wall time {time.time() - start:.0f}s; wrote {args.out}/validation.json, validation.png, compare.*")
+
+
+def policy_params(run_dir: Path) -> int:
+    latest = max(checkpoint_epochs(run_dir / "checkpoints", run_dir.name).items())[1]
+    return sum(p.numel() for p in policy_from_checkpoint(load_checkpoint(latest)).parameters())
 
 
 if __name__ == "__main__":
