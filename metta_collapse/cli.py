@@ -9,6 +9,7 @@ metta-collapse compare base c1 c1_ablation --smooth 20 --out plots/
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -32,6 +33,17 @@ def fractions(text: str) -> tuple[float, ...]:
     if not all(0.0 < value <= 1.0 for value in values):
         raise argparse.ArgumentTypeError(f"each budget must be in (0, 1], got {text!r}")
     return values
+
+
+def finite(value: object) -> object:
+    """`value` with NaN and infinities as None: JSON has no NaN (Python would write a bare `NaN`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +203,9 @@ def run_compare(args: argparse.Namespace) -> None:
     if args.baseline is not None and args.baseline not in [run.name for run in runs]:
         runs.insert(0, report.load_run(args.baseline, args.train_dir))
         args.baseline = runs[0].name
+    longest = max(len(run.metrics) for run in runs)
+    if args.smooth > longest:
+        raise report.ConfigError(f"--smooth {args.smooth} is longer than the longest run ({longest} epochs)")
     curves = [report.learning_curve(run, args.x, args.y, args.smooth) for run in runs]
     summary = report.compare_summary(runs, curves, args.x, args.y, args.last, args.baseline)
     summary["smooth"] = args.smooth
@@ -198,7 +213,7 @@ def run_compare(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for suffix in ("png", "svg"):
         figure.savefig(args.out / f"compare.{suffix}", dpi=120)
-    (args.out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (args.out / "compare.json").write_text(json.dumps(finite(summary), indent=1) + "\n")
     print(report.compare_table(summary))
     print(f"wrote {', '.join(str(args.out / f'compare.{suffix}') for suffix in ('png', 'svg', 'json'))}")
 
@@ -219,3 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

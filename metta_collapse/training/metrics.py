@@ -2,11 +2,12 @@
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import wandb
 
-from metta_collapse.training.config import TrainTool
+from metta_collapse.training.config import ConfigError, TrainTool
 
 
 class MetricsLogger:
@@ -54,5 +55,16 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """A run's per-epoch records. A torn last line (a run killed while writing it) is dropped with a warning;
+    any other line that is not a record is an error naming the file and the line."""
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index == len(lines) - 1:
+                warnings.warn(f"{path}: line {number} is torn (a run killed while writing it): dropped", stacklevel=2)
+                break
+            raise ConfigError(f"{path}, line {number}: not a metrics record: {line[:60]!r}") from None
+    return records

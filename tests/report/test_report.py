@@ -307,3 +307,44 @@ def test_frontier_of_a_checkpoint_writes_every_arm_within_its_budget(tmp_path: P
     assert result["data"]["agent_steps"]["report"] == 6 * 256 and (tmp_path / "out" / "frontier.png").stat().st_size
     assert "random units (basis widths)" in capsys.readouterr().out
     assert main(["frontier", str(tmp_path / "missing.pt")]) == 2
+
+
+@pytest.mark.parametrize("module", ["metta_collapse", "metta_collapse.cli"])
+def test_python_dash_m_runs_the_command(module: str):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage: metta-collapse" in done.stdout
+    done = subprocess.run([sys.executable, "-m", module, "bogus"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_any_other_bad_line_named(tmp_path: Path, capsys):
+    from metta_collapse.training.metrics import read_metrics
+
+    run = tmp_path / "torn"
+    write_metrics(run, {1: 1.0, 2: 2.0, 3: 3.0})
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"metric/epoch": 4, "metric/ag')  # killed mid-write
+    with pytest.warns(UserWarning, match="line 4 is torn"):
+        assert [m["metric/epoch"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "junk", *lines[1:3]]) + "\n")
+    code, _, err = run_cli(capsys, "compare", "torn", "--train-dir", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert code == 2 and "metrics.jsonl, line 2: not a metrics record" in err
+
+
+def test_compare_writes_strict_json_and_refuses_a_window_longer_than_the_runs(tmp_path: Path, capsys):
+    write_metrics(tmp_path / "nan", {1: 1.0, 2: float("nan"), 3: 2.0})
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "compare", "nan", "--train-dir", str(tmp_path), "--out", str(out), "--smooth", "4")
+    assert code == 2 and "--smooth 4 is longer than the longest run (3 epochs)" in err
+    code, _, err = run_cli(capsys, "compare", "nan", "--train-dir", str(tmp_path), "--out", str(out), "--last", "2")
+    assert code == 0, err
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"compare.json holds {constant}, which is not JSON")
+
+    summary = json.loads((out / "compare.json").read_text(), parse_constant=refuse)
+    assert summary["runs"][0]["last_mean"] is None
