@@ -1,6 +1,6 @@
 """metta-collapse: shrink a policy network by fibration symmetry and keep training it."""
 
-from metta_collapse.analysis import analyze
+from metta_collapse.analysis import analyze, known_barrier, pass_colors, per_channel, register_rule
 from metta_collapse.basis import select_basis
 from metta_collapse.config import Budget, CollapseConfig, InputSpec, ModelSpec, RankTol, Thresholds
 from metta_collapse.errors import CollapseError
@@ -22,6 +22,10 @@ __all__ = [
     "Thresholds",
     "ablate",
     "analyze",
+    "known_barrier",
+    "pass_colors",
+    "per_channel",
+    "register_rule",
     "chain_graph",
     "collapse",
     "keep",

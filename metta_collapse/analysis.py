@@ -7,7 +7,7 @@ cluster their units; element-wise ops pass colors; ops joining two colored tenso
 
 import operator
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,7 +177,7 @@ SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 TRANSPOSES = {"T", "mT"}
 SHAPE_QUERIES = {"size", "dim", "numel"}
 # Normalisations over features count duplicated units, so they stay full width (fibration.md §4).
-KNOWN_BARRIERS = (
+KNOWN_BARRIERS = {
     nn.LayerNorm,
     nn.GroupNorm,
     nn.Softmax,
@@ -190,7 +190,32 @@ KNOWN_BARRIERS = (
     torch.log_softmax,
     "softmax",
     "log_softmax",
-)
+}
+# act on each channel's map alone (the channels on axis 1), so a channel's copies stay copies
+PER_CHANNEL = {
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+}
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -403,63 +428,20 @@ class _ColorPass(fx.Interpreter):
         target = node.target
         if node.op == "call_module":
             module = a.graph.get_submodule(target)
-            if target in a.reused and isinstance(module, nn.Linear | nn.LSTM | nn.Embedding | CONVS | BATCHNORMS):
-                return a.barrier(node, metas)
-            if isinstance(module, nn.Linear):
-                return self.linear(
-                    node,
-                    target,
-                    module.weight,
-                    module.bias,
-                    metas[0],
-                    args[0],
-                    value,
-                    (f"{target}.weight", 0, 1),
-                    f"{target}.bias",
-                    target,
-                )
-            if isinstance(module, CONVS):
-                return self.conv(node, target, module, metas[0], args[0], value)
-            if isinstance(module, nn.LSTM):
-                return self.lstm(node, target, module, metas, args, value)
-            if isinstance(module, nn.Embedding) and module.max_norm is None:
-                return self.embedding(node, target, module, value)
-            if isinstance(module, BATCHNORMS):
-                return self.batchnorm(node, target, module, metas[0])
-            if isinstance(module, UNARY_MODULES):
-                return metas[0]
-            if isinstance(module, SHAPE_MODULES):
-                return self.reshaped(node, metas[0], lambda probe: module(probe), args[0], value)
-            return a.barrier(node, metas, known=isinstance(module, KNOWN_BARRIERS))
+            if target in a.reused and any(True for _ in [*module.parameters(), *module.buffers()]):
+                return a.barrier(node, metas)  # one set of weights, two places in the graph
+            rule = next((RULES[cls] for cls in type(module).__mro__ if cls in RULES), None)
+            return rule(self, node, value, args, kwargs, metas) if rule is not None else a.barrier(node, metas)
         if target is operator.getitem and isinstance(metas[0], tuple | list):
             return metas[0][args[1]]
         if target in SHAPE_QUERIES or (target is getattr and not isinstance(value, torch.Tensor)):
             return None
-        colored = [m for m in _flat(metas) if isinstance(m, Colored | PerLayer | StateTag)]
-        if not colored:
+        if not any(isinstance(m, Colored | PerLayer | StateTag) for m in _flat(metas)):
             return None
-        if target in UNARY_FUNCTIONS or target in UNARY_METHODS:
-            return metas[0]
-        if target in BINARY:
-            return self.binary(node, metas, args, value)
-        if target in MATMUL or target is F.linear or target is torch.einsum:
-            return self.contraction(node, metas, args, kwargs, value)
-        if target in (torch.cat, torch.concat):
-            return self.concat(node, metas, args, kwargs, value)
-        if (
-            target in SHAPE_FUNCTIONS
-            or target in SHAPE_METHODS
-            or target is operator.getitem
-            or (target is getattr and args[1] in TRANSPOSES)
-        ):
-            if target is getattr:
-                apply = lambda probe: getattr(probe, args[1])  # noqa: E731
-            elif node.op == "call_method":
-                apply = lambda probe: getattr(probe, target)(*args[1:], **kwargs)  # noqa: E731
-            else:
-                apply = lambda probe: target(probe, *args[1:], **kwargs)  # noqa: E731
-            return self.reshaped(node, metas[0], apply, args[0], value)
-        return a.barrier(node, metas, known=target in KNOWN_BARRIERS)
+        if target is getattr and args[1] in TRANSPOSES:
+            return self.reshaped(node, metas[0], lambda probe: getattr(probe, args[1]), args[0], value)
+        rule = RULES.get(target) if isinstance(target, Hashable) else None
+        return rule(self, node, value, args, kwargs, metas) if rule is not None else a.barrier(node, metas)
 
     def placeholder_meta(self, node: fx.Node, value: Any) -> Any:
         role = self.a.spec.input(node.target)
@@ -794,3 +776,95 @@ def analyze(
         with torch.no_grad():
             for name, tensor in model.named_buffers():
                 tensor.copy_(buffers[name])
+
+
+# ----- the rules: how each kind of operation colors its output (a module class, a function, a method's name)
+
+Rule = Callable[[_ColorPass, fx.Node, Any, tuple, dict, tuple], Any]
+
+
+def pass_colors(p: _ColorPass, node: fx.Node, value: Any, args: tuple, kwargs: dict, metas: tuple) -> Any:
+    """Element-wise on its first input: the output has that input's colors."""
+    return metas[0]
+
+
+def per_channel(p: _ColorPass, node: fx.Node, value: Any, args: tuple, kwargs: dict, metas: tuple) -> Any:
+    """Acts on each channel (axis 1) alone, e.g. pooling: colors pass when the features are the channels."""
+    meta = metas[0]
+    if isinstance(meta, Colored) and meta.axis == 1 and isinstance(value, torch.Tensor) and value.ndim > 1:
+        return Colored(meta.space, 1)
+    return p.a.barrier(node, metas)
+
+
+def known_barrier(p: _ColorPass, node: fx.Node, value: Any, args: tuple, kwargs: dict, metas: tuple) -> Any:
+    """Mixes every feature (e.g. a normalisation): its inputs keep their width, without a warning."""
+    return p.a.barrier(node, metas, known=True)
+
+
+def _module(p: _ColorPass, node: fx.Node) -> nn.Module:
+    return p.a.graph.get_submodule(node.target)
+
+
+def _linear(p: _ColorPass, node: fx.Node, value: Any, args: tuple, kwargs: dict, metas: tuple) -> Any:
+    module, key = _module(p, node), node.target
+    return p.linear(
+        node, key, module.weight, module.bias, metas[0], args[0], value, (f"{key}.weight", 0, 1), f"{key}.bias", key
+    )
+
+
+def _embedding(p: _ColorPass, node: fx.Node, value: Any, args: tuple, kwargs: dict, metas: tuple) -> Any:
+    module = _module(p, node)
+    return p.embedding(node, node.target, module, value) if module.max_norm is None else p.a.barrier(node, metas)
+
+
+def _reshape(p: _ColorPass, node: fx.Node, value: Any, args: tuple, kwargs: dict, metas: tuple) -> Any:
+    target = node.target
+    if node.op == "call_module":
+        apply = _module(p, node)
+    elif node.op == "call_method":
+        apply = lambda probe: getattr(probe, target)(*args[1:], **kwargs)  # noqa: E731
+    else:
+        apply = lambda probe: target(probe, *args[1:], **kwargs)  # noqa: E731
+    return p.reshaped(node, metas[0], apply, args[0], value)
+
+
+RULES: dict[Any, Rule] = {
+    nn.Linear: _linear,
+    **dict.fromkeys(
+        CONVS,
+        lambda p, node, value, args, kwargs, metas: p.conv(
+            node, node.target, _module(p, node), metas[0], args[0], value
+        ),
+    ),
+    nn.LSTM: lambda p, node, value, args, kwargs, metas: p.lstm(
+        node, node.target, _module(p, node), metas, args, value
+    ),
+    nn.Embedding: _embedding,
+    **dict.fromkeys(
+        BATCHNORMS,
+        lambda p, node, value, args, kwargs, metas: p.batchnorm(node, node.target, _module(p, node), metas[0]),
+    ),
+    **dict.fromkeys(UNARY_MODULES, pass_colors),
+    **dict.fromkeys(UNARY_FUNCTIONS | UNARY_METHODS, pass_colors),
+    **dict.fromkeys(BINARY, lambda p, node, value, args, kwargs, metas: p.binary(node, metas, args, value)),
+    **dict.fromkeys(
+        MATMUL | {F.linear, torch.einsum},
+        lambda p, node, value, args, kwargs, metas: p.contraction(node, metas, args, kwargs, value),
+    ),
+    **dict.fromkeys(
+        (torch.cat, torch.concat),
+        lambda p, node, value, args, kwargs, metas: p.concat(node, metas, args, kwargs, value),
+    ),
+    **dict.fromkeys(SHAPE_MODULES, _reshape),
+    **dict.fromkeys(SHAPE_FUNCTIONS | SHAPE_METHODS | {operator.getitem}, _reshape),
+    **dict.fromkeys(PER_CHANNEL, per_channel),
+    **dict.fromkeys(KNOWN_BARRIERS, known_barrier),
+}
+
+
+def register_rule(kind: type | Callable | str, rule: Rule) -> None:
+    """Teach `analyze` an operation: `kind` is a module class (its subclasses follow it), a function, or a tensor
+    method's name. `rule(color_pass, node, value, args, kwargs, metas)` returns the output's colors: for most
+    custom modules one of `pass_colors` (element-wise), `per_channel` (like pooling) or `known_barrier` (mixes
+    features). Without a rule an operation is a barrier with a warning."""
+    RULES[kind] = rule
