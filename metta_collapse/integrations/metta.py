@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
 from torch import fx, nn
 
 import metta_collapse as mc
@@ -633,7 +633,13 @@ def refuse_unsupported(tool: Any) -> None:
     """Before training: settings under which an in-place change of parameter shapes would break Metta's run."""
     if not tool.collapse.enabled:
         return
-    mc.config.check_section(tool.collapse)  # Metta's override check skips the section's own validation
+    try:  # Metta's override check validates the leaf's type only, not the section's bounds
+        type(tool.collapse).model_validate(tool.collapse.model_dump())
+    except ValidationError as error:
+        problem = error.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"])
+        raise ValueError(f"collapse.{field}={problem.get('input')!r}: {problem['msg']}") from None
+    mc.config.check_section(tool.collapse)
     if getattr(tool.trainer, "compile", False):
         raise ValueError("trainer.compile=true is not supported with collapse.enabled: shapes change mid-training")
     world = int(os.environ.get("WORLD_SIZE", "1"))

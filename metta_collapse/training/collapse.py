@@ -103,7 +103,7 @@ class CollapseSection(Config):
     # every this many epochs, log what a collapse would do now (symmetry/* metrics); 0: never
     symmetry_interval: int = Field(default=0, ge=0)
     mode: Literal["fibration", "random_ablation", "scratch"] = "fibration"
-    init_from: str | None = Field(default=None, pattern=r"^[\w.=+-]+$")
+    init_from: str | None = Field(default=None, pattern=r"^\w[\w.=+-]*$")
     optimizer_state: Literal["remap", "reset"] = "remap"
     recurrent_state: Literal["map", "reset"] = "map"
     seed: int = 0
@@ -170,6 +170,10 @@ class CollapseTrainTool(TrainTool):
     def invoke(self) -> int | None:
         c = self.collapse
         c.check()
+        if not c.enabled and c.init_from is not None:
+            raise ConfigError(
+                f"collapse.init_from={c.init_from} branches with a collapse, but collapse.enabled=false: drop one"
+            )
         if c.mode == "scratch" and c.init_from is None:
             raise ConfigError("collapse.mode=scratch trains the small network from step 0: it needs collapse.init_from")
         if c.enabled and c.init_from is not None:

@@ -134,9 +134,9 @@ class Tool(Config):
 
 
 class TrainTool(Tool):
-    run: str | None = Field(default=None, pattern=r"^[\w.=+-]+$")
+    run: str | None = Field(default=None, pattern=r"^\w[\w.=+-]*$")
     train_dir: str = "train_dir"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)  # numpy's and the environments' seeds are 32-bit
     device: Literal["cpu", "cuda"] = "cpu"
     # torch intra-op threads while training. On 2 cores a second thread gains ~20% when the machine is idle
     # but stalls training up to 10x whenever another job runs, so one is the default.
@@ -156,6 +156,10 @@ class TrainTool(Tool):
 
     def check(self, num_agents: int) -> None:
         """Cross-field checks for training `num_agents` agents in total; raises ConfigError."""
+        import torch  # here: configuration alone does not need torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device=cuda, but torch sees no CUDA device here: use device=cpu")
         t = self.trainer
         if t.compile:
             raise ConfigError("trainer.compile=true is not supported: a collapse changes parameter shapes")

@@ -37,6 +37,8 @@ def parse_command_line(argv: list[str]) -> tuple[str, dict[str, str], list[tuple
         key, sep, value = token.partition("=")
         if section is None or not sep or not key:
             raise ConfigError(f"unexpected argument {token!r}: expected key=value\n{USAGE}")
+        if key in args or key in dict(overrides):
+            raise ConfigError(f"{key} is given twice: give it once")
         value = _unquote(value)
         if section == "--args":
             args[key] = value
@@ -84,7 +86,12 @@ def build_tool(argv: list[str]) -> Tool:
         except ValidationError as error:
             raise ConfigError(f"invalid value for argument {key}: {value!r} ({error.errors()[0]['msg']})") from None
         kwargs[key] = value
-    tool = function(**kwargs)
+    try:
+        tool = function(**kwargs)
+    except ValidationError as error:  # a recipe argument that sets a field (e.g. `run`) with a bad value
+        problem = error.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"]) or "the tool"
+        raise ConfigError(f"invalid value for {field}: {problem.get('input')!r} ({problem['msg']})") from None
     if not isinstance(tool, Tool):
         raise ConfigError(f"{target} returned {type(tool).__name__}, not a tool")
     if september:

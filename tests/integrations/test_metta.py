@@ -485,6 +485,10 @@ def test_settings_that_break_an_in_place_collapse_are_refused_before_training(mo
     tool.collapse.enabled = False
     adapter.refuse_unsupported(tool)
     monkeypatch.setenv("WORLD_SIZE", "1")
+    beyond = SECTION(metric="cosine")
+    beyond.thresholds.lstm = 3  # as Metta's override check lets it through: the leaf's type only
+    with pytest.raises(ValueError, match="collapse.thresholds.lstm=3: Input should be less than or equal to 2"):
+        adapter.refuse_unsupported(SimpleNamespace(collapse=beyond, trainer=tool.trainer))
     for section, message in (
         (SECTION(metric="cosine", rank_tol={"lstm": 0.1}), "collapse.rank_tol.* is not a knob of collapse.metric"),
         (SECTION(budget={"params": 0.5}, rank_tol={"lstm": 0.1}), "size is set twice"),

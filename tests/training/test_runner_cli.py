@@ -111,3 +111,33 @@ def test_baseline_command_runs_verbatim(tmp_path: Path):
     assert len(checkpoints) == 1
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run=a", "seed=3", "seed=4"], "seed is given twice"),
+        (["--args", "run=a", "--overrides", "run=b"], "run is given twice"),
+        (["run="], "invalid value for run: ''"),
+        (["run=a b"], "invalid value for run: 'a b'"),
+        (["run=../x"], "invalid value for run: '../x'"),
+        (["run=.."], "invalid value for run: '..'"),
+        (["run=a", f"seed={2**32}"], "invalid value for seed"),
+        (["run=a", "seed=-1"], "invalid value for seed"),
+    ],
+)
+def test_bad_command_lines_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture):
+    assert main([RECIPE, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error:") and message in err
+
+
+def test_settings_that_cannot_run_are_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture):
+    recipe = "experiments.recipes.collapse_arena.small"
+    argv = [recipe, "run=a", f"train_dir={tmp_path}", "collapse.enabled=false", "collapse.init_from=base"]
+    assert main(argv) == 2
+    assert "collapse.init_from=base branches with a collapse, but collapse.enabled=false" in capsys.readouterr().err
+    if not __import__("torch").cuda.is_available():
+        assert main([recipe, "run=a", f"train_dir={tmp_path}", "device=cuda"]) == 2
+        assert "device=cuda, but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
