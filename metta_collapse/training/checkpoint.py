@@ -7,11 +7,14 @@ only tensors and plain Python values, so `torch.load(path, weights_only=True)` r
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from metta_collapse.training.policy import FastPolicy, architecture, build_policy
+
+CHECKPOINT_KEYS = {"epoch", "agent_step", "wall_time", "architecture", "policy_state_dict", "optimizer_state_dict"}
 
 
 def checkpoint_name(run: str, epoch: int, agent_step: int, seconds: float, suffix: str = "") -> str:
@@ -67,6 +70,24 @@ def latest_checkpoint(directory: Path, run: str) -> Path | None:
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resume_checkpoint(directory: Path, run: str) -> tuple[Path | None, dict | None]:
+    """The latest checkpoint of `run` that reads as one. One that does not (truncated, junk, another kind of
+    file) is renamed aside to `<name>.corrupt`, never deleted, with a warning, and the one before it is tried."""
+    for _, path in sorted(checkpoint_epochs(directory, run).items(), reverse=True):
+        try:
+            checkpoint = load_checkpoint(path)
+            if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
+                raise ValueError("not a checkpoint of this project")
+        except Exception as error:  # torch raises many types for a file that is not a checkpoint
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            message = f"checkpoint {path.name} is unreadable ({type(error).__name__}): moved to {aside.name}"
+            warnings.warn(message, stacklevel=2)
+            continue
+        return path, checkpoint
+    return None, None
 
 
 def policy_from_checkpoint(checkpoint: dict) -> FastPolicy:

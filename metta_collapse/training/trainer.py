@@ -18,9 +18,8 @@ import torch
 
 from metta_collapse.training.arena import make_vecenv
 from metta_collapse.training.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
     policy_from_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from metta_collapse.training.config import TrainTool
@@ -166,8 +165,7 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
     np.random.seed(tool.seed)
     torch.manual_seed(tool.seed)
 
-    resume_from = latest_checkpoint(tool.checkpoint_dir, tool.run) if tool.checkpoint_dir.is_dir() else None
-    checkpoint = load_checkpoint(resume_from) if resume_from else None
+    resume_from, checkpoint = resume_checkpoint(tool.checkpoint_dir, tool.run)
     vecenv = make_vecenv(env_cfg, num_envs, tool.seed)
     policy = policy_from_checkpoint(checkpoint) if checkpoint else make_policy(vecenv.driver_env)
     policy = policy.to(tool.device)

@@ -1,3 +1,6 @@
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -137,3 +140,20 @@ def test_widths_are_read_live_and_a_shrunk_policy_rebuilds_from_its_architecture
     with torch.no_grad():
         assert torch.allclose(policy.forward_eval(tokens, dict(state))[0], rebuilt.forward_eval(tokens, state)[0])
     assert state["lstm_h"].shape == (6, 176)
+
+
+def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_one_before_resumed(tmp_path: Path):
+    from metta_collapse.training.checkpoint import resume_checkpoint, save_checkpoint
+
+    policy = small_policy()
+    optimizer = torch.optim.Adam(policy.parameters())
+    good = save_checkpoint(tmp_path, "r", policy, optimizer, 1, 100, 1.0)
+    for epoch, junk in ((2, b""), (3, b"not a checkpoint"), (4, good.read_bytes()[:500])):
+        (tmp_path / good.name.replace("__e1__", f"__e{epoch}__")).write_bytes(junk)
+    with pytest.warns(UserWarning, match="unreadable") as caught:
+        path, checkpoint = resume_checkpoint(tmp_path, "r")
+    assert path == good and checkpoint["epoch"] == 1 and len(caught) == 3
+    assert sorted(p.name for p in tmp_path.glob("*.corrupt")) == sorted(
+        good.name.replace("__e1__", f"__e{epoch}__") + ".corrupt" for epoch in (2, 3, 4)
+    )
+    assert resume_checkpoint(tmp_path / "none", "r") == (None, None)
