@@ -21,7 +21,7 @@ from metta_collapse.training.checkpoint import (
     policy_from_checkpoint,
     save_checkpoint,
 )
-from metta_collapse.training.config import Config, ConfigError, TrainTool
+from metta_collapse.training.config import Config, ConfigError, TrainTool, run_lock
 from metta_collapse.training.metrics import read_metrics
 from metta_collapse.training.policy import FastPolicy
 from metta_collapse.training.rollout import rollouts
@@ -180,10 +180,12 @@ class CollapseTrainTool(TrainTool):
             source = self._source_checkpoint()
             if self.run is None:
                 self.run = c.branch_name()
-            if not self.checkpoint_dir.is_dir() or not checkpoint_epochs(self.checkpoint_dir, self.run):
-                self._branch(source)
-            else:
-                self._check_same_branch()
+            with run_lock(self.run_dir):  # the branch's first checkpoint is part of its job
+                if not self.checkpoint_dir.is_dir() or not checkpoint_epochs(self.checkpoint_dir, self.run):
+                    self._branch(source)
+                else:
+                    self._check_same_branch()
+                return super().invoke()
         elif c.enabled:
             last = math.ceil(self.trainer.total_timesteps / self.trainer.batch_size)
             if c.epoch_idx > last:

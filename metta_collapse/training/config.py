@@ -6,6 +6,10 @@ the number of agents, ...) run in `TrainTool.check`, after all overrides, before
 """
 
 import json
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -193,11 +197,60 @@ class TrainTool(Tool):
 
         if self.run is None:
             self.run = f"local.{datetime.now():%Y%m%d-%H%M%S}"
-        train(self, on_epoch_end=self.on_epoch_end)
+        with run_lock(self.run_dir):
+            train(self, on_epoch_end=self.on_epoch_end)
         return 0
 
     def on_epoch_end(self, state: "TrainerState") -> None:
         """Called after every epoch with the trainer state; subclasses hook in here (e.g. a collapse)."""
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One training job per run: `run.lock` holds the pid of the process training it. Another live holder is
+    refused; a holder that is gone (a killed run) is taken over with a warning. Re-entrant within a process."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.lock"
+    while True:
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder == os.getpid():
+                yield
+                return
+            if holder is not None and _alive(holder):
+                raise ConfigError(
+                    f"run {run_dir.name!r} is being trained by process {holder} ({path}): one job per run"
+                ) from None
+            message = f"run {run_dir.name!r}: taking over the lock of process {holder}, which is gone"
+            warnings.warn(message, stacklevel=3)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(descriptor, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):  # gone meanwhile, or torn
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def apply_override(root: BaseModel, key: str, value: str) -> None:

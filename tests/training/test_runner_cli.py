@@ -141,3 +141,26 @@ def test_settings_that_cannot_run_are_refused_before_training(tmp_path: Path, ca
         assert main([recipe, "run=a", f"train_dir={tmp_path}", "device=cuda"]) == 2
         assert "device=cuda, but torch sees no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+def test_one_training_job_per_run_and_a_dead_holders_lock_is_taken_over(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from metta_collapse.training.config import run_lock
+
+    lock = tmp_path / "a" / "run.lock"
+    lock.parent.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(str(other.pid))
+        argv = ["experiments.recipes.collapse_arena.small", "run=a", f"train_dir={tmp_path}"]
+        assert main(argv) == 2
+        assert f"run 'a' is being trained by process {other.pid}" in capsys.readouterr().err
+        assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.warns(UserWarning, match=f"taking over the lock of process {other.pid}"), run_lock(lock.parent):
+        assert lock.read_text() == str(os.getpid())
+        with run_lock(lock.parent):  # the same process again: a branch's job, then its training
+            pass
+        assert lock.exists()
+    assert not lock.exists()
