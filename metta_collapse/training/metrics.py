@@ -10,6 +10,12 @@ import wandb
 from metta_collapse.training.config import ConfigError, TrainTool
 
 
+# what measures wall time: the only fields in which two runs of one command with one seed differ on one machine
+TIMING_FIELDS = frozenset(
+    {"metric/total_time", "overview/sps", "collapse/seconds", "collapse/seconds_record", "seconds", "seconds_record"}
+)
+
+
 class MetricsLogger:
     def __init__(self, tool: TrainTool, start_epoch: int):
         tool.run_dir.mkdir(parents=True, exist_ok=True)

@@ -91,13 +91,13 @@ class TrainerState:
         return self.trainer.observations
 
 
-def puffer_config(tool: TrainTool) -> dict:
+def puffer_config(tool: TrainTool, seed: int) -> dict:
     t = tool.trainer
     ppo = t.losses.loss_configs.ppo
     opt = t.optimizer
     return {
         "env": tool.training_env.arena,
-        "seed": tool.seed,
+        "seed": seed,  # PuffeRL resets the environments with it
         "device": tool.device,
         "torch_deterministic": False,
         "cpu_offload": False,
@@ -161,18 +161,20 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
     if tool.trainer.evaluation.evaluate_interval:
         print("note: the embedded runtime has no evaluator; trainer.evaluation.evaluate_interval is ignored")
 
-    random.seed(tool.seed)
-    np.random.seed(tool.seed)
-    torch.manual_seed(tool.seed)
-
     resume_from, checkpoint = resume_checkpoint(tool.checkpoint_dir, tool.run)
-    vecenv = make_vecenv(env_cfg, num_envs, tool.seed)
+    seed = tool.seed
+    if checkpoint is not None:  # a resumed segment draws afresh from the seed and its epoch: no replayed opening
+        seed = int(np.random.SeedSequence([tool.seed, checkpoint["epoch"]]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    vecenv = make_vecenv(env_cfg, num_envs, seed)
     policy = policy_from_checkpoint(checkpoint) if checkpoint else make_policy(vecenv.driver_env)
     policy = policy.to(tool.device)
     num_params = sum(p.numel() for p in policy.parameters())
     print(f"policy {tool.policy_architecture.name}: {num_params:,} parameters")
 
-    trainer = Trainer(puffer_config(tool), vecenv, policy)
+    trainer = Trainer(puffer_config(tool, seed), vecenv, policy)
     # its CPU/GPU sampling thread only feeds the dashboard
     trainer.utilization.stop()
     wall_offset = 0.0

@@ -250,3 +250,32 @@ def test_live_symmetry_logs_what_a_collapse_would_do_now(tmp_path: Path):
     assert load_checkpoint(checkpoint_epochs(tool.checkpoint_dir, "watched")[2])["architecture"]["widths"] == dict(
         DEFAULT_WIDTHS
     )
+
+
+def test_one_command_with_one_seed_repeats_exactly_apart_from_the_timing_fields(tmp_path: Path):
+    from metta_collapse.training.metrics import TIMING_FIELDS
+
+    runs = []
+    for run in ("first", "second"):
+        collapse_tool(tmp_path, run, 4, epoch_idx=2).invoke()
+        metrics = [
+            {k: v for k, v in m.items() if k not in TIMING_FIELDS}
+            for m in read_metrics(tmp_path / run / "metrics.jsonl")
+        ]
+        record = json.loads((tmp_path / run / "collapse.json").read_text())
+        runs.append((metrics, {k: v for k, v in record.items() if k not in TIMING_FIELDS}))
+    assert runs[0] == runs[1] and len(runs[0][0]) == 4 and runs[0][1]["epoch"] == 2
+
+
+def test_a_resumed_run_draws_afresh_instead_of_replaying_its_opening(tmp_path: Path):
+    draws = {}
+
+    def draw(state) -> None:
+        draws[state.epoch] = (torch.rand(1).item(), float(__import__("numpy").random.random()))
+
+    tool = collapse_tool(tmp_path, "resumed", 2, enabled=False)
+    train(tool, on_epoch_end=draw)
+    tool.trainer.total_timesteps = 4 * EPOCH
+    train(tool, on_epoch_end=draw)
+    assert sorted(draws) == [1, 2, 3, 4]
+    assert draws[3] != draws[1]  # the resumed segment's first epoch against the opening's
