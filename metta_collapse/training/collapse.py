@@ -19,6 +19,7 @@ from metta_collapse.training.checkpoint import (
     checkpoint_epochs,
     load_checkpoint,
     policy_from_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from metta_collapse.training.config import Config, ConfigError, TrainTool, run_lock
@@ -118,8 +119,9 @@ class CollapseSection(Config):
         return mc.CollapseConfig(thresholds=self.thresholds, metric=self.metric, rank_tol=self.rank_tol)
 
     def settings(self) -> dict:
-        """Every field that shapes a branch or a collapse (the resume check compares them)."""
-        return self.model_dump(exclude={"enabled", "init_from", "epoch_idx", "symmetry_interval"})
+        """Every field that shapes a branch or a collapse, its source run and epoch included (the resume check
+        compares them); not the switches."""
+        return self.model_dump(exclude={"enabled", "symmetry_interval"})
 
     def branch_name(self) -> str:
         """The study's names, {src}_epoch_{E}_{base|ablationsrandom|small_scratch}_{linear}_{cnn}_{lstm}_{critic},
@@ -182,9 +184,8 @@ class CollapseTrainTool(TrainTool):
                 self.run = c.branch_name()
             with run_lock(self.run_dir):  # the branch's first checkpoint is part of its job
                 if not self.checkpoint_dir.is_dir() or not checkpoint_epochs(self.checkpoint_dir, self.run):
-                    self._branch(source)
-                else:
-                    self._check_same_branch()
+                    self._branch(source)  # a branch killed before its first checkpoint is made again
+                self._check_resume()
                 return super().invoke()
         elif c.enabled:
             last = math.ceil(self.trainer.total_timesteps / self.trainer.batch_size)
@@ -194,6 +195,10 @@ class CollapseTrainTool(TrainTool):
                     f"(trainer.total_timesteps={self.trainer.total_timesteps} / trainer.batch_size="
                     f"{self.trainer.batch_size})"
                 )
+            if self.run is not None:
+                with run_lock(self.run_dir):
+                    self._check_resume()
+                    return super().invoke()
         return super().invoke()
 
     def _source_checkpoint(self) -> Path:
@@ -307,16 +312,22 @@ class CollapseTrainTool(TrainTool):
         observations, _ = rollouts(policy, env_cfg, copies, steps, seed)
         return observations.reshape(-1, horizon, *observations.shape[2:])
 
-    def _check_same_branch(self) -> None:
-        """Resuming a branch must not silently continue one made with other settings under the same name."""
-        c, path = self.collapse, self.run_dir / "collapse.json"
-        made = (json.loads(path.read_text()) if path.exists() else {}).get("settings", {})
-        differs = {key: made.get(key) for key, value in c.settings().items() if made.get(key) != value}
+    def _check_resume(self) -> None:
+        """A run that has collapsed resumes only with the collapse settings it was made with. The record in its
+        latest checkpoint decides (`collapse.json`, written after it, is restored from it if a kill lost it)."""
+        _, checkpoint = resume_checkpoint(self.checkpoint_dir, self.run)
+        record = (checkpoint or {}).get("extra", {}).get("collapse")
+        if record is None:
+            return
+        made, now = record.get("settings", {}), self.collapse.settings()
+        differs = [f"collapse.{key}={made[key]}" for key in made if key in now and made[key] != now[key]]
         if differs:
             raise ConfigError(
-                f"run {self.run!r} already exists as a branch with other collapse settings ({differs}); "
-                "give this branch its own name with run=..."
+                f"run {self.run!r} was collapsed with other collapse settings ({', '.join(differs)}): resume it "
+                "with those, or give this run its own name with run=..."
             )
+        if not (self.run_dir / "collapse.json").exists():
+            write_json(self.run_dir / "collapse.json", record)
 
     def make_optimizer(self, policy: FastPolicy) -> torch.optim.Optimizer:
         """The optimizer PuffeRL builds (Adam with the tool's settings), to carry a checkpoint's state."""

@@ -9,7 +9,6 @@ import wandb
 
 from metta_collapse.training.config import ConfigError, TrainTool
 
-
 # what measures wall time: the only fields in which two runs of one command with one seed differ on one machine
 TIMING_FIELDS = frozenset(
     {"metric/total_time", "overview/sps", "collapse/seconds", "collapse/seconds_record", "seconds", "seconds_record"}

@@ -1,6 +1,7 @@
 """experiments.recipes.collapse_arena: collapse in the live run, branches from a baseline, null models."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -186,10 +187,30 @@ def test_bad_collapse_settings_fail_before_training(tmp_path: Path):
 
 def test_a_branch_name_already_taken_by_other_settings_is_refused(tmp_path: Path):
     baseline(tmp_path)
-    collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2).invoke()
-    collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2).invoke()  # the same branch resumes
-    with pytest.raises(ConfigError, match="already exists as a branch with other collapse settings"):
-        collapse_tool(tmp_path, None, 2, init_from="base", epoch_idx=2, optimizer_state="reset").invoke()
+    collapse_tool(tmp_path, "b", 2, init_from="base", epoch_idx=2).invoke()
+    collapse_tool(tmp_path, "b", 2, init_from="base", epoch_idx=2).invoke()  # the same branch resumes
+    for settings, field in (
+        ({"optimizer_state": "reset"}, "collapse.optimizer_state=remap"),
+        ({"epoch_idx": 4}, "collapse.epoch_idx=2"),  # another source epoch under the same name
+        ({"init_from": "other"}, "collapse.init_from=base"),  # another source run
+    ):
+        if "init_from" in settings:
+            shutil.copytree(tmp_path / "base", tmp_path / "other")
+            for path in (tmp_path / "other" / "checkpoints").iterdir():
+                path.rename(path.with_name(path.name.replace("base__", "other__")))
+        with pytest.raises(ConfigError, match=f"run 'b' was collapsed with other collapse settings \\({field}\\)"):
+            collapse_tool(tmp_path, "b", 2, **({"init_from": "base", "epoch_idx": 2} | settings)).invoke()
+
+
+def test_a_live_run_that_collapsed_resumes_only_with_its_settings_and_a_lost_record_is_restored(tmp_path: Path):
+    collapse_tool(tmp_path, "live", 2, epoch_idx=1, metric="cosine").invoke()
+    record = json.loads((tmp_path / "live" / "collapse.json").read_text())
+    (tmp_path / "live" / "collapse.json").unlink()  # killed between the checkpoint and the record
+    with pytest.raises(ConfigError, match="other collapse settings \\(collapse.metric=cosine\\)"):
+        collapse_tool(tmp_path, "live", 3, epoch_idx=1).invoke()
+    collapse_tool(tmp_path, "live", 3, epoch_idx=1, metric="cosine").invoke()
+    assert json.loads((tmp_path / "live" / "collapse.json").read_text()) == record
+    assert [m["metric/epoch"] for m in read_metrics(tmp_path / "live" / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_the_size_is_set_by_exactly_one_knob(tmp_path: Path):
@@ -235,7 +256,7 @@ def test_refit_units_and_budget_name_the_branch_and_a_branch_never_resumes_anoth
     }
     for label, settings in {"refit": {"refit": False}, "budget": {"budget": live.Budget(params=0.3)}}.items():
         tool = collapse_tool(tmp_path, names["default"], 2, init_from="base", epoch_idx=2, **settings)
-        with pytest.raises(ConfigError, match=f"other collapse settings.*'{label}'"):
+        with pytest.raises(ConfigError, match=f"other collapse settings.*collapse.{label}="):
             tool.invoke()
 
 
