@@ -209,6 +209,7 @@ class TrainTool(Tool):
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One training job per run: `run.lock` holds the pid of the process training it. Another live holder is
     refused; a holder that is gone (a killed run) is taken over with a warning. Re-entrant within a process."""
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.lock"
     while True:
@@ -234,6 +235,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
+        if created and not any(run_dir.iterdir()):  # a job refused before it wrote anything leaves no run behind
+            run_dir.rmdir()
 
 
 def _lock_holder(path: Path) -> int | None:
