@@ -178,11 +178,10 @@ def run_frontier(args: argparse.Namespace) -> None:
 
     if not args.checkpoint.is_file():
         raise ConfigError(f"no checkpoint file {args.checkpoint}")
-    budgets = args.budgets if isinstance(args.budgets, tuple) else fractions(args.budgets)
     result = frontier.frontier(
         args.checkpoint,
         args.arena,
-        budgets,
+        args.budgets,  # argparse converts the string default with `type` too
         random_seeds=args.seeds,
         fit_steps=args.fit_steps,
         report_copies=args.report_copies,

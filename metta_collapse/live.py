@@ -2,6 +2,7 @@
 in place and all or nothing. Knows no trainer: the embedded runtime and the Metta adapter both call it."""
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, MutableMapping
@@ -212,22 +213,24 @@ def collapse_live(
     start = time.perf_counter()
     sizer = Sizer(module, data, spec, config)
     original = copy.deepcopy(module)
-    reference = []
 
-    def change(scale: float) -> float:
+    @functools.cache
+    def reference() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return data.select_behaviour(policy, None)
+
+    def select_kl(scale: float, trial_mode: Mode) -> float:
         """The select part's KL after a trial collapse at `scale`, on a copy of the policy."""
-        if not reference:
-            with torch.no_grad():
-                reference.append(data.select_behaviour(policy, None))
         trial = copy.deepcopy(policy)
         plan, kept, _ = sizer.plan(scale)
-        _apply(trial, target, plan, kept, mode, seed, data, refit_weights, original)
+        _apply(trial, target, plan, kept, trial_mode, seed, data, refit_weights, original)
         with torch.no_grad():
-            return behaviour_change(reference[0], data.select_behaviour(trial, plan))["kl_mean"]
+            return behaviour_change(reference(), data.select_behaviour(trial, plan))["kl_mean"]
 
     scale = 1.0
     if budget.params is not None and config.metric == "basis" and data.select_behaviour is not None:
-        scale = sizer.allocate(budget.params, change) if mode != "scratch" else sizer.for_params(budget.params)
+        # judged on the collapse itself in every mode: a null model gets the widths the method would get
+        scale = sizer.allocate(budget.params, lambda scale: select_kl(scale, "fibration"))
     elif budget.params is not None:
         scale = sizer.for_params(budget.params)
     elif budget.kl is not None:
@@ -235,7 +238,7 @@ def collapse_live(
             raise CollapseError("budget.kl needs the select part of the data")
         # the largest collapse within the budget: the smallest model whose KL stays under it
         scale = 1.0 / smallest_scale(
-            lambda inverse: change(1.0 / inverse) <= budget.kl,
+            lambda inverse: select_kl(1.0 / inverse, mode) <= budget.kl,
             1.0 / sizer.largest_scale,
             1e3,
             f"budget.kl={budget.kl}",

@@ -28,6 +28,7 @@ Era = Literal["current", "september"]
 # set on the agent after a collapse; September checkpoints pickle the agent, so a resumed run sees it
 MARKER = "metta_collapse_record"
 LEAD_EPOCHS = 2  # rollouts are recorded from this many epochs before epoch_idx
+STATES = ("h", "c")  # the chain's recurrent-state inputs: (layers, rows, hidden)
 log = logging.getLogger(__name__)
 S = mc.Step
 
@@ -287,10 +288,11 @@ class Rollouts:
     CYCLE = ("fit", "fit", "select", "report")
 
     def __init__(self, layout: FastLayout, fit_steps: int, agents_per_env: int = 1):
-        self.names = [*layout.entries, *(("h", "c") if layout.lstm else ())]
+        self.names = [*layout.entries, *(STATES if layout.lstm else ())]
         self.sizes = {"fit": fit_steps, "select": max(1, fit_steps // 2), "report": max(1, fit_steps // 2)}
         self.agents_per_env = max(1, agents_per_env)
         self.parts: dict[str, list[dict[str, torch.Tensor]]] = {part: [] for part in self.sizes}
+        self.counts = dict.fromkeys(self.sizes, 0)
         self.by_agent = False  # some pass held fewer than 4 environment copies
         self.step: dict[str, torch.Tensor] = {}
         self.handles: list = []
@@ -311,7 +313,7 @@ class Rollouts:
 
     def _entry(self, name: str, module: nn.Module, args: tuple) -> None:
         if not torch.is_grad_enabled():
-            self.step[name] = args[0].detach().clone()
+            self.step[name] = args[0].detach()  # a view: `add`, later in the same pass, copies the rows it keeps
             self._complete()
 
     def _state(self, module: nn.Module, args: tuple) -> None:
@@ -326,7 +328,7 @@ class Rollouts:
         if state is None:
             zeros = x.new_zeros(module.num_layers, rows, module.hidden_size)
             state = (zeros, zeros)
-        self.step |= {"h": state[0].detach().clone(), "c": state[1].detach().clone()}
+        self.step |= dict(zip(STATES, (state[0].detach(), state[1].detach()), strict=True))
         self._complete()
 
     def _complete(self) -> None:
@@ -336,46 +338,37 @@ class Rollouts:
 
     def add(self, step: dict[str, torch.Tensor]) -> None:
         """Split one rollout forward pass's inputs (chain input name -> rows; h and c: layers x rows) into the
-        parts."""
+        parts, kept rows first."""
+        step = {name: t.movedim(1, 0) if name in STATES else t for name, t in step.items()}
         rows = step[self.names[0]].shape[0]
-        if any(t.shape[1 if name in ("h", "c") else 0] != rows for name, t in step.items()):
+        if any(t.shape[0] != rows for t in step.values()):
             return  # entries of different passes
         copies = -(-rows // self.agents_per_env)
         unit = self.agents_per_env if copies >= len(self.CYCLE) else 1
         self.by_agent |= unit == 1 and self.agents_per_env > 1
-        slot = torch.arange(rows, device=step[self.names[0]].device) // unit % len(self.CYCLE)
+        slot = torch.arange(rows) // unit % len(self.CYCLE)  # on the CPU: no device sync in the rollout
         for part, size in self.sizes.items():
-            mask = sum(slot == k for k, name in enumerate(self.CYCLE) if name == part).bool()
-            if not mask.any():
+            index = torch.nonzero(sum(slot == k for k, name in enumerate(self.CYCLE) if name == part)).squeeze(1)
+            if not len(index):
                 continue
             chunks = self.parts[part]
-            chunks.append({n: t[:, mask] if n in ("h", "c") else t[mask] for n, t in step.items()})
-            while self.count(part) - self._rows(chunks[0]) >= size:
-                chunks.pop(0)
-
-    @staticmethod
-    def _rows(chunk: dict[str, torch.Tensor]) -> int:
-        return next(t.shape[1] if n in ("h", "c") else t.shape[0] for n, t in chunk.items())
-
-    def count(self, part: str) -> int:
-        return sum(self._rows(chunk) for chunk in self.parts[part])
+            chunks.append({name: t[index.to(t.device)] for name, t in step.items()})
+            self.counts[part] += len(index)
+            while self.counts[part] - len(chunks[0][self.names[0]]) >= size:
+                self.counts[part] -= len(chunks.pop(0)[self.names[0]])
 
     def ready(self) -> bool:
-        return all(self.count(part) >= size for part, size in self.sizes.items())
+        return all(self.counts[part] >= size for part, size in self.sizes.items())
 
     def inputs(self, part: str) -> tuple[torch.Tensor, ...]:
         """The chain's inputs from the part's latest rows."""
-        size, chunks = self.sizes[part], self.parts[part]
-        return tuple(
-            torch.cat([c[n] for c in chunks], dim=1)[:, -size:]
-            if n in ("h", "c")
-            else torch.cat([c[n] for c in chunks])[-size:]
-            for n in self.names
-        )
+        chunks, size = self.parts[part], self.sizes[part]
+        rows = {name: torch.cat([chunk[name] for chunk in chunks])[-size:] for name in self.names}
+        return tuple(t.movedim(0, 1) if name in STATES else t for name, t in rows.items())
 
     def describe(self) -> str:
         split = "agent" if self.by_agent else "environment copy"
-        counts = ", ".join(f"{part} {min(self.count(part), size):,}" for part, size in self.sizes.items())
+        counts = ", ".join(f"{part} {min(self.counts[part], size):,}" for part, size in self.sizes.items())
         return f"rows of the trainer's rollout forward passes split by {split} ({counts}); report part measured"
 
 
@@ -482,9 +475,9 @@ class CollapseHook:
             return None
         rollouts = self.rollouts
         if rollouts is None or not rollouts.ready():
-            counts = {part: rollouts.count(part) for part in rollouts.sizes} if rollouts else {}
+            counts = rollouts.counts if rollouts else 0
             sizes = rollouts.sizes if rollouts else "fit, select and report"
-            log.warning("collapse due at epoch %d waits for rollouts: %s rows of %s", epoch, counts or 0, sizes)
+            log.warning("collapse due at epoch %d waits for rollouts: %s rows of %s", epoch, counts, sizes)
             return None
         try:
             record = collapse_agent(agent, optimizer, self.era, self.section, rollouts)

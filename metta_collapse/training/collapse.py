@@ -178,15 +178,10 @@ class CollapseTrainTool(TrainTool):
             )
         if c.mode == "scratch" and c.init_from is None:
             raise ConfigError("collapse.mode=scratch trains the small network from step 0: it needs collapse.init_from")
-        if c.enabled and c.init_from is not None:
+        source = None
+        if c.init_from is not None:
             source = self._source_checkpoint()
-            if self.run is None:
-                self.run = c.branch_name()
-            with run_lock(self.run_dir):  # the branch's first checkpoint is part of its job
-                if not self.checkpoint_dir.is_dir() or not checkpoint_epochs(self.checkpoint_dir, self.run):
-                    self._branch(source)  # a branch killed before its first checkpoint is made again
-                self._check_resume()
-                return super().invoke()
+            self.run = self.run or c.branch_name()
         elif c.enabled:
             last = math.ceil(self.trainer.total_timesteps / self.trainer.batch_size)
             if c.epoch_idx > last:
@@ -195,11 +190,13 @@ class CollapseTrainTool(TrainTool):
                     f"(trainer.total_timesteps={self.trainer.total_timesteps} / trainer.batch_size="
                     f"{self.trainer.batch_size})"
                 )
-            if self.run is not None:
-                with run_lock(self.run_dir):
-                    self._check_resume()
-                    return super().invoke()
-        return super().invoke()
+        if not c.enabled or self.run is None:  # nothing to branch from or to check a resume against
+            return super().invoke()
+        with run_lock(self.run_dir):  # a branch's first checkpoint is part of its job
+            if source is not None and not checkpoint_epochs(self.checkpoint_dir, self.run):
+                self._branch(source)  # a branch killed before its first checkpoint is made again
+            self._check_resume()
+            return super().invoke()
 
     def _source_checkpoint(self) -> Path:
         c = self.collapse

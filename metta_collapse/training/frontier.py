@@ -11,9 +11,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import metta_collapse as mc
-from metta_collapse.live import Data, Sizer
+from metta_collapse.live import Data
 from metta_collapse.training.checkpoint import load_checkpoint, policy_from_checkpoint
-from metta_collapse.training.collapse import CORE_SPEC, collapse_copy, policy_data
+from metta_collapse.training.collapse import collapse_copy, policy_data
 from metta_collapse.training.config import ConfigError, TrainingEnvConfig
 from metta_collapse.training.policy import FastPolicy
 from metta_collapse.training.rollout import rollouts
@@ -43,15 +43,6 @@ def frontier_data(
     description = f"{report_copies} copies x {agents} agents, whole {steps}-step episodes from zero state"
     data = policy_data(policy, fit, select, report, description)
     return data, {"agent_steps": sizes, "episode_steps": steps, "segment_steps": horizon, "seeds": SEEDS}
-
-
-def at_budget(sizer: Sizer, fraction: float) -> mc.CollapseConfig:
-    """The config whose knob is scaled to keep at most `fraction` of the parameters (searched once, used by
-    every arm at that size)."""
-    _, _, knob = sizer.plan(sizer.for_params(fraction))
-    return sizer.config.model_copy(
-        update={name: type(getattr(sizer.config, name))(**value) for name, value in knob.items()}
-    )
 
 
 def row(record: dict, units: str, budget: float | None, seed: int | None = None) -> dict:
@@ -93,15 +84,12 @@ def frontier(
         row(collapse_copy(policy, data, study, refit), "cosine (study's thresholds)", None) for refit in (False, True)
     ]
     rows.append(row(collapse_copy(policy, data, default, True), "basis (default rank_tol)", None))
-    sizers = {name: Sizer(policy.core, data, CORE_SPEC, mc.CollapseConfig(metric=name)) for name in units}
     for budget in budgets:
-        for name, sizer in sizers.items():
-            if name == "basis":  # the recipe's budget search (its allocation is judged on the select part)
-                refitted = collapse_copy(policy, data, sizer.config, True, mc.Budget(params=budget))
-                config = sizer.config.model_copy(update={"rank_tol": mc.RankTol(**refitted["rank_tol"])})
-            else:
-                config = at_budget(sizer, budget)
-                refitted = collapse_copy(policy, data, config, True)
+        for name in units:
+            # the recipe's budget search, once; the plain arm and random units reuse the knob it chose
+            refitted = collapse_copy(policy, data, mc.CollapseConfig(metric=name), True, mc.Budget(params=budget))
+            knob = "rank_tol" if name == "basis" else "thresholds"
+            config = mc.CollapseConfig(metric=name, **{knob: refitted[knob]})
             rows += [row(refitted, name, budget), row(collapse_copy(policy, data, config, False), name, budget)]
             if name == "basis":
                 for seed in range(random_seeds):

@@ -823,7 +823,7 @@ def test_on_the_adapters_rollouts_the_refit_changes_the_policy_less_than_the_pla
     box = torch.rand(96, 24, 11, 11)  # 4 environment copies of 24 agents a pass
     recording = rollouts(era, model, fit_steps=1200, box=box, passes=25)
     assert recording.ready() and not recording.by_agent
-    assert recording.count("fit") == 1200 and recording.count("report") == 600
+    assert recording.counts["fit"] == 1200 and recording.counts["report"] == 600
     sections = {
         "plain": SECTION(metric="cosine", refit=False, budget={"params": 0.5}),
         "refit": SECTION(metric="cosine", budget={"params": 0.5}),
