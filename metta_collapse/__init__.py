@@ -7,7 +7,7 @@ from metta_collapse.errors import CollapseError
 from metta_collapse.graph import Step, chain_graph
 from metta_collapse.plan import CollapsePlan
 from metta_collapse.refit import refit
-from metta_collapse.rewrite import LSTMStack, ablate, collapse, keep, map_state, reinitialize, remap_optimizer
+from metta_collapse.rewrite import RecurrentStack, ablate, collapse, keep, map_state, reinitialize, remap_optimizer
 
 __all__ = [
     "Budget",
@@ -15,7 +15,7 @@ __all__ = [
     "CollapseError",
     "CollapsePlan",
     "InputSpec",
-    "LSTMStack",
+    "RecurrentStack",
     "ModelSpec",
     "RankTol",
     "Step",

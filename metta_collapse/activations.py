@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from metta_collapse.plan import CollapsePlan
-from metta_collapse.rewrite import LSTMStack, map_state
+from metta_collapse.rewrite import RecurrentStack, map_state
 
 
 class _Stop(Exception):
@@ -69,13 +69,16 @@ def collapsed_inputs(graph: fx.GraphModule, plan: CollapsePlan, inputs: tuple) -
     )
 
 
-# ----- LSTM layers one at a time
+# ----- recurrent layers (LSTM, GRU, RNN) one at a time
+
+_RUN = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}
 
 
-def lstm_layers(module: nn.Module) -> list[dict[str, torch.Tensor]]:
-    """Per layer: its weight_ih, weight_hh, bias_ih, bias_hh (an nn.LSTM of any depth or an LSTMStack)."""
-    if isinstance(module, LSTMStack):
-        return [lstm_layers(layer)[0] for layer in module.layers]
+def recurrent_layers(module: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Per layer: its weight_ih, weight_hh, bias_ih, bias_hh (an LSTM, GRU or RNN of any depth, or a
+    RecurrentStack)."""
+    if isinstance(module, RecurrentStack):
+        return [recurrent_layers(layer)[0] for layer in module.layers]
     return [
         {
             name: getattr(module, f"{name}_l{index}")
@@ -86,64 +89,56 @@ def lstm_layers(module: nn.Module) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def lstm_layer_names(module: nn.Module, prefix: str) -> list[dict[str, str]]:
-    """The qualified parameter names of `lstm_layers(module)`."""
-    if isinstance(module, LSTMStack):
+def recurrent_layer_names(module: nn.Module, prefix: str) -> list[dict[str, str]]:
+    """The qualified parameter names of `recurrent_layers(module)`."""
+    if isinstance(module, RecurrentStack):
         return [
-            {name: f"{prefix}.layers.{i}.{name}_l0" for name in lstm_layers(layer)[0]}
+            {name: f"{prefix}.layers.{i}.{name}_l0" for name in recurrent_layers(layer)[0]}
             for i, layer in enumerate(module.layers)
         ]
-    return [{name: f"{prefix}.{name}_l{i}" for name in layer} for i, layer in enumerate(lstm_layers(module))]
+    return [{name: f"{prefix}.{name}_l{i}" for name in layer} for i, layer in enumerate(recurrent_layers(module))]
 
 
-def lstm_call(module: nn.Module, args: tuple) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """An LSTM call's input as (batch, time, features) and each layer's initial (h, c), each (batch, hidden)."""
+def recurrent_call(module: nn.Module, args: tuple) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+    """A recurrent call's input as (batch, time, features) and each layer's initial state: (h, c) for an LSTM,
+    (h,) otherwise, each (batch, hidden)."""
     x = args[0]
     batch_first = module.batch_first
     if x.ndim == 2:
         x = x.unsqueeze(0 if batch_first else 1)
     x = x if batch_first else x.transpose(0, 1)
-    layers = lstm_layers(module)
-    widths = [layer["weight_hh"].shape[1] for layer in layers]
+    widths = [layer["weight_hh"].shape[1] for layer in recurrent_layers(module)]
+    tensors = 2 if module.mode == "LSTM" else 1
     state = args[1] if len(args) > 1 else None
     if state is None:
-        zeros = [x.new_zeros(x.shape[0], width) for width in widths]
-        return x, list(zip(zeros, zeros, strict=True))
-    h, c = (s.reshape(-1, s.shape[-2], s.shape[-1]) for s in state)  # (layers or 1, batch, hidden)
-    if isinstance(module, LSTMStack):
-        hs, cs = h[0].split(widths, dim=-1), c[0].split(widths, dim=-1)
+        return x, [(x.new_zeros(x.shape[0], width),) * tensors for width in widths]
+    state = state if isinstance(state, tuple | list) else (state,)
+    state = [s.reshape(-1, s.shape[-2], s.shape[-1]) for s in state]  # (layers or 1, batch, hidden)
+    if isinstance(module, RecurrentStack):
+        per_tensor = [s[0].split(widths, dim=-1) for s in state]
     else:
-        hs, cs = h.unbind(0), c.unbind(0)
-    return x, list(zip(hs, cs, strict=True))
+        per_tensor = [s.unbind(0) for s in state]
+    return x, list(zip(*per_tensor, strict=True))
 
 
-def run_lstm_layer(layer: dict[str, torch.Tensor], x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
-    """One LSTM layer over (batch, time, features) from (h0, c0): its hidden states (batch, time, hidden)."""
+def run_recurrent_layer(mode: str, layer: dict[str, torch.Tensor], x: torch.Tensor, state: tuple) -> torch.Tensor:
+    """One layer over (batch, time, features) from its initial state: its hidden states (batch, time, hidden)."""
     weights = [layer["weight_ih"], layer["weight_hh"]]
     biases = [layer[name] for name in ("bias_ih", "bias_hh") if name in layer]
-    output, _, _ = torch.lstm(
-        x,
-        (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()),
-        weights + biases,
-        bool(biases),
-        1,
-        0.0,
-        False,
-        False,
-        True,
-    )
-    return output
+    hx = tuple(s.unsqueeze(0).contiguous() for s in state)
+    output = _RUN[mode](x, hx if mode == "LSTM" else hx[0], weights + biases, bool(biases), 1, 0.0, False, False, True)
+    return output[0]
 
 
-def lstm_trajectories(module: nn.Module, args: tuple) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def recurrent_trajectories(module: nn.Module, args: tuple) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per layer: its input sequence, its hidden states before each step and after each step, all
-    (batch, time, ·), for an LSTM call with arguments `args`."""
-    x, states = lstm_call(module, args)
+    (batch, time, ·), for a recurrent call with arguments `args`."""
+    x, states = recurrent_call(module, args)
     out = []
     with torch.no_grad():
-        for layer, (h0, c0) in zip(lstm_layers(module), states, strict=True):
-            hidden = run_lstm_layer(layer, x, h0, c0)
-            previous = torch.cat([h0.unsqueeze(1), hidden[:, :-1]], dim=1)
+        for layer, state in zip(recurrent_layers(module), states, strict=True):
+            hidden = run_recurrent_layer(module.mode, layer, x, state)
+            previous = torch.cat([state[0].unsqueeze(1), hidden[:, :-1]], dim=1)
             out.append((x, previous, hidden))
             x = hidden
     return out

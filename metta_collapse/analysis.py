@@ -21,6 +21,7 @@ from metta_collapse.config import CollapseConfig, ModelSpec
 from metta_collapse.errors import CollapseError
 from metta_collapse.graph import as_graph
 from metta_collapse.plan import (
+    GATES,
     AxisMap,
     CollapsePlan,
     Distinct,
@@ -43,7 +44,7 @@ class Colored:
 
 @dataclass
 class StateTag:
-    """A recurrent-state input on its way to an LSTM."""
+    """A recurrent-state input on its way to a recurrent layer."""
 
     name: str
     ndim: int
@@ -56,7 +57,7 @@ class ParamRef:
 
 @dataclass
 class PerLayer:
-    """h_n / c_n of a multi-layer LSTM: layer i along axis 0 with its own hidden space on the last axis."""
+    """h_n (c_n) of a multi-layer LSTM or GRU: layer i along axis 0 with its own hidden space on the last axis."""
 
     spaces: list[Space]
 
@@ -349,10 +350,10 @@ class _Analysis:
     def plan(self) -> CollapsePlan:
         for message in self.warnings:
             warnings.warn(message, stacklevel=3)
-        lstm_layers = {
+        recurrent_layers = {
             layer.module: [units.key for units in layer.units]
             for layer in self.layers
-            if len(layer.units) > 1 and isinstance(self.model.get_submodule(layer.module or ""), nn.LSTM)
+            if len(layer.units) > 1 and isinstance(self.model.get_submodule(layer.module or ""), nn.RNNBase)
         }
         params: dict[str, ParamMap] = {}
         modules: dict[str, str] = {}
@@ -375,14 +376,14 @@ class _Analysis:
                     else tuple(self.graph.get_buffer(name).shape)
                 )
                 params[name] = ParamMap(name, name, shape, changing, buffer=not _is_param(self.graph, name))
-        states = {b.input: StateMap(self._lstm_spaces(b.module), b.layer_axis, False, b.module) for b in self.bindings}
+        states = {b.input: StateMap(self._state_spaces(b.module), b.layer_axis, False, b.module) for b in self.bindings}
         before = sum(p.numel() for p in self.model.parameters())
         plan = CollapsePlan(layers, before, before, params, modules, states, self.links, list(self.warnings))
-        plan.sources, plan.lstm_layers = self.sources, lstm_layers
+        plan.sources, plan.recurrent_layers = self.sources, recurrent_layers
         plan.relabel({})
         return plan
 
-    def _lstm_spaces(self, module: str) -> list[Space]:
+    def _state_spaces(self, module: str) -> list[Space]:
         return next(layer.units for layer in self.layers if layer.module == module)
 
 
@@ -574,13 +575,14 @@ class _ColorPass(fx.Interpreter):
         self.a.layers.append(_Layer(key, "batchnorm", [], params, key))
         return x_meta
 
-    def lstm(self, node, key, module: nn.LSTM, metas, args, value):
+    def recurrent(self, node, key, module: nn.RNNBase, metas, args, value):
+        """An LSTM, GRU or RNN of any depth: per layer, the hidden units that stay copies at every step."""
         a = self.a
         x_meta, x = metas[0], args[0]
         if module.proj_size or module.bidirectional or (isinstance(x_meta, Colored) and x_meta.axis != x.ndim - 1):
             return a.barrier(node, metas)
         if any(isinstance(m, Colored | PerLayer) for m in _flat(metas[1:])):
-            return a.barrier(node, metas)  # a state computed from features would have to follow the LSTM's fibers
+            return a.barrier(node, metas)  # a state computed from features would have to follow the layer's fibers
         kind = a.threshold_kind(node, "lstm")
         inputs = x_meta.space if isinstance(x_meta, Colored) else None
         hidden = module.hidden_size
@@ -589,13 +591,12 @@ class _ColorPass(fx.Interpreter):
         for layer in range(module.num_layers):
             layer_key = key if module.num_layers == 1 else f"{key}.h{layer}"
             labels = inputs.labels() if inputs is not None else None
-            w_ih = _aggregate_columns(getattr(module, f"weight_ih_l{layer}"), labels)
-            w_hh = getattr(module, f"weight_hh_l{layer}")
-            bias = (
-                _numpy(getattr(module, f"bias_ih_l{layer}")) + _numpy(getattr(module, f"bias_hh_l{layer}"))
-                if module.bias
-                else None
-            )
+            weights = {
+                name: getattr(module, f"{name}_l{layer}")
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                if hasattr(module, f"{name}_l{layer}")
+            }
+            w_ih = _aggregate_columns(weights["weight_ih"], labels)
             start = canonical(
                 np.zeros(hidden, dtype=np.int64),
                 *[x for x in (a.demands.get(layer_key), a.previous.get(layer_key)) if x is not None],
@@ -603,11 +604,13 @@ class _ColorPass(fx.Interpreter):
             signature = (kind, None if labels is None else labels.tobytes(), start.tobytes())
             partition = a.cache.get((layer_key, *signature))
             if partition is None:
-                partition = a.cache[(layer_key, *signature)] = self.lstm_fixed_point(w_ih, w_hh, bias, start, kind)
+                partition = a.cache[(layer_key, *signature)] = self.recurrent_fixed_point(
+                    module.mode, w_ih, weights, start, kind
+                )
             a.current[layer_key] = partition
-            a.sources[layer_key] = ("lstm", key, layer)
+            a.sources[layer_key] = ("recurrent", key, layer)
             units = Units(layer_key, hidden, partition)
-            gates = Gated(units)
+            gates = Gated(units, GATES[module.mode])
             params.append(
                 (
                     f"{key}.weight_ih_l{layer}",
@@ -620,27 +623,40 @@ class _ColorPass(fx.Interpreter):
             spaces.append(units)
             inputs = units
         a.layers.append(_Layer(key, kind, spaces, params, key))
-        state_metas = metas[1] if len(metas) > 1 and isinstance(metas[1], tuple | list) else ()
-        state_values = args[1] if len(args) > 1 and isinstance(args[1], tuple | list) else ()
+        state_metas = metas[1] if len(metas) > 1 else ()
+        state_values = args[1] if len(args) > 1 else ()
+        if module.mode != "LSTM":
+            state_metas, state_values = (state_metas,), (state_values,)
         for meta, state in zip(state_metas, state_values, strict=False):
             if isinstance(meta, StateTag):
                 a.bindings.append(_Binding(meta.name, key, layer_axis=meta.ndim == state.ndim))
-        output, (h_n, _) = value
+        output, h_n = value[0], value[1][0] if module.mode == "LSTM" else value[1]
         state_meta = Colored(spaces[0], h_n.ndim - 1) if len(spaces) == 1 else PerLayer(list(spaces))
-        return Colored(spaces[-1], output.ndim - 1), (state_meta, state_meta)
+        return Colored(spaces[-1], output.ndim - 1), (state_meta, state_meta) if module.mode == "LSTM" else state_meta
 
-    def lstm_fixed_point(self, w_ih: np.ndarray, w_hh: torch.Tensor, bias, start: np.ndarray, kind: str):
-        """Refine the hidden and cell partitions until they stop changing (fibration.md §5)."""
+    def recurrent_fixed_point(self, mode: str, w_ih: np.ndarray, weights: dict, start: np.ndarray, kind: str):
+        """Refine the hidden partition until every gate's rows agree within each fiber (fibration.md §5). For an
+        LSTM the cell state's fibers are the hidden ones: c' = f c + i g and h = o tanh(c) need i, f, g, o to
+        agree. A gate's bias is b_ih + b_hh, except a GRU's n gate, whose b_hn is multiplied by r."""
         size = len(start)
-        hidden, cell = start, np.zeros(size, dtype=np.int64)
+        bias_ih, bias_hh = (_numpy(weights[n])[:, None] if n in weights else None for n in ("bias_ih", "bias_hh"))
+        hidden = start
         while True:
-            rows = _rows(w_ih, _aggregate_columns(w_hh, hidden), None if bias is None else bias[:, None])
-            i, f, g, o = (self.a.partition(rows[k * size : (k + 1) * size], kind) for k in range(4))
-            new_cell = canonical(i, f, g, cell)
-            new_hidden = canonical(o, new_cell, hidden)
-            if count(new_cell) == count(cell) and count(new_hidden) == count(hidden):
+            rows = _rows(w_ih, _aggregate_columns(weights["weight_hh"], hidden))
+            partitions = []
+            for gate in range(GATES[mode]):
+                block = slice(gate * size, (gate + 1) * size)
+                if bias_ih is None:
+                    biases = []
+                elif mode == "GRU" and gate == 2:
+                    biases = [bias_ih[block], bias_hh[block]]
+                else:
+                    biases = [bias_ih[block] + bias_hh[block]]
+                partitions.append(self.a.partition(_rows(rows[block], *biases), kind))
+            new_hidden = canonical(hidden, *partitions)
+            if count(new_hidden) == count(hidden):
                 return hidden
-            hidden, cell = new_hidden, new_cell
+            hidden = new_hidden
 
     # ----- colored tensors
 
@@ -836,7 +852,7 @@ RULES: dict[Any, Rule] = {
             node, node.target, _module(p, node), metas[0], args[0], value
         ),
     ),
-    nn.LSTM: lambda p, node, value, args, kwargs, metas: p.lstm(
+    nn.RNNBase: lambda p, node, value, args, kwargs, metas: p.recurrent(
         node, node.target, _module(p, node), metas, args, value
     ),
     nn.Embedding: _embedding,

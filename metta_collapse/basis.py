@@ -14,7 +14,7 @@ import scipy.linalg
 import torch
 from torch import fx, nn
 
-from metta_collapse.activations import lstm_trajectories, record
+from metta_collapse.activations import recurrent_trajectories, record
 from metta_collapse.analysis import analyze
 from metta_collapse.config import MIN_SAMPLES, CollapseConfig, ModelSpec, RankTol, Thresholds
 from metta_collapse.errors import CollapseError
@@ -64,11 +64,11 @@ def activations(
     model: nn.Module, plan: CollapsePlan, data: tuple, keys: set[str], graph: fx.GraphModule | None = None
 ) -> dict[str, torch.Tensor]:
     """Each layer's activations on `data`, (samples, units): the tensor its units feed forward (after their
-    nonlinearity); an LSTM layer's hidden states over time."""
+    nonlinearity); a recurrent layer's hidden states over time."""
     graph = as_graph(model, graph)
-    lstm_nodes = {n.target: n.name for n in graph.graph.nodes if n.op == "call_module"}
+    recurrent_nodes = {n.target: n.name for n in graph.graph.nodes if n.op == "call_module"}
     wanted = {
-        key: plan.sources[key][1] if plan.sources[key][0] == "node" else lstm_nodes[plan.sources[key][1]]
+        key: plan.sources[key][1] if plan.sources[key][0] == "node" else recurrent_nodes[plan.sources[key][1]]
         for key in keys
     }
     seen = record(graph, model, data, set(wanted.values()))
@@ -78,7 +78,7 @@ def activations(
         if source[0] == "node":
             value, axis = seen[node][1], source[2]
         else:
-            value = lstm_trajectories(model.get_submodule(source[1]), seen[node][0])[source[2]][2]
+            value = recurrent_trajectories(model.get_submodule(source[1]), seen[node][0])[source[2]][2]
             axis = -1
         out[key] = value.movedim(axis, -1).reshape(-1, value.shape[axis])
     return out

@@ -51,7 +51,7 @@ class Distinct(Space):
 
 @dataclass(eq=False)
 class Units(Space):
-    """The output units of one layer (for an LSTM: the hidden units of one layer)."""
+    """The output units of one layer (for an LSTM or GRU: the hidden units of one layer)."""
 
     key: str
     n: int
@@ -137,9 +137,14 @@ class Joined(Space):
         return (units for part in self.parts for units in part.units())
 
 
+# gate blocks per hidden unit, by `nn.RNNBase.mode`
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
 @dataclass(eq=False)
 class Gated(Space):
-    """An LSTM's gate rows: `blocks` copies of its hidden units (PyTorch order i, f, g, o)."""
+    """A recurrent layer's gate rows: `blocks` copies of its hidden units (PyTorch's order: LSTM i, f, g, o; GRU
+    r, z, n)."""
 
     hidden: Space
     blocks: int = 4
@@ -190,10 +195,10 @@ class ParamMap:
 
 @dataclass
 class StateMap:
-    """How a recurrent-state input maps: one hidden space per LSTM layer along its last axis.
+    """How a recurrent-state input maps: one hidden space per recurrent layer along its last axis.
 
-    `layer_axis`: the state holds the layers along axis 0 (an `nn.LSTM`'s h0); `stacked`: after the collapse
-    the layers' states are concatenated along the last axis instead (see `LSTMStack`)."""
+    `layer_axis`: the state holds the layers along axis 0 (an `nn.LSTM`'s or `nn.GRU`'s h0); `stacked`: after the collapse
+    the layers' states are concatenated along the last axis instead (see `RecurrentStack`)."""
 
     spaces: list[Space]
     layer_axis: bool
@@ -223,10 +228,10 @@ class CollapsePlan:
     states: dict[str, StateMap] = field(repr=False)
     links: list[tuple[Units, Units]] = field(repr=False)
     warnings: list[str] = field(default_factory=list)
-    # Units key -> where its activations are read: ("node", fx node name, feature axis) or ("lstm", module, layer)
+    # Units key -> where its activations are read: ("node", fx node name, feature axis) or ("recurrent", module, layer)
     sources: dict[str, tuple] = field(default_factory=dict, repr=False)
-    # multi-layer nn.LSTM module -> the unit keys of its layers
-    lstm_layers: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    # multi-layer LSTM/GRU/RNN module -> the unit keys of its layers
+    recurrent_layers: dict[str, list[str]] = field(default_factory=dict, repr=False)
     # set when the plan is applied: {old name: (new name, old tensor)}, and the units an ablation kept
     replaced: dict | None = field(default=None, repr=False)
     kept: dict[str, np.ndarray] | None = field(default=None, repr=False)
@@ -245,8 +250,8 @@ class CollapsePlan:
         for key, labels in partitions.items():
             units[key].partition = np.asarray(labels, dtype=np.int64)
             units[key].scale = None if scales is None else scales.get(key)
-        for module, keys in self.lstm_layers.items():
-            # layers of different widths no longer fit one nn.LSTM: it becomes an LSTMStack
+        for module, keys in self.recurrent_layers.items():
+            # layers of different widths no longer fit one module: it becomes a RecurrentStack
             stacked = len({count(units[key].partition) for key in keys if key in units}) > 1
             if module in self.modules:
                 self.modules[module] = "stack" if stacked else "resize"

@@ -5,8 +5,9 @@ Layer by layer in graph order, each layer is fed the collapsed network's own ups
 made upstream are compensated) and fitted to the original's pre-activations mapped to the collapsed units (a
 merged unit: its fiber's mean; a kept unit: its own; an unchanged output: itself), so the next layer's fit folds
 in what the dropped units contributed. Ridge least squares toward the applied weights, bias unpenalised, float64.
-An LSTM layer fits its four gates jointly over [input | previous hidden | bias], on the collapsed LSTM's own
-hidden states (refreshed between passes)."""
+A recurrent layer fits its gates jointly over [input | previous hidden | bias], on the collapsed layer's own
+hidden states (refreshed between passes); a GRU's n gate, n = tanh(W_in x + b_in + r (W_hn h + b_hn)), fits its
+input part and its hidden part apart, since r multiplies only the second."""
 
 import operator
 
@@ -16,14 +17,14 @@ from torch import fx, nn
 
 from metta_collapse.activations import (
     collapsed_inputs,
-    lstm_layer_names,
-    lstm_layers,
-    lstm_trajectories,
+    recurrent_layer_names,
+    recurrent_layers,
+    recurrent_trajectories,
     record,
 )
 from metta_collapse.graph import as_graph
 from metta_collapse.plan import AxisMap, CollapsePlan, ParamMap
-from metta_collapse.rewrite import LSTMStack, map_collapsed, map_selected
+from metta_collapse.rewrite import map_collapsed, map_selected
 
 MATMULS = {operator.matmul, torch.matmul, "matmul", torch.einsum, F.linear}
 # relative squared residual below which a layer counts as reproduced exactly (float32 rounding is ~1e-14)
@@ -78,7 +79,7 @@ def _sites(graph: fx.GraphModule, original: nn.Module, plan: CollapsePlan) -> tu
             module = original.get_submodule(node.target)
             if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and _plain_conv(module)):
                 names = [f"{node.target}.{p}" for p in ("weight", "bias") if getattr(module, p) is not None]
-            elif isinstance(module, nn.LSTM) and not module.bidirectional and not module.proj_size:
+            elif isinstance(module, nn.RNNBase) and not module.bidirectional and not module.proj_size:
                 names = [f"{node.target}.{p}" for p, _ in module.named_parameters()]
         elif node.target in MATMULS and (weight := _matmul_weight(node)) is not None:
             names = [weight.target]
@@ -107,12 +108,12 @@ def refit(
     inputs: tuple,
     graph: fx.GraphModule | None = None,
     strength: float = 1e-3,
-    lstm_passes: int = 3,
+    recurrent_passes: int = 3,
 ) -> dict:
     """Re-solve, in place, the layers of `model` (collapsed with `plan`) that `plan` rewrote, so that they
     reproduce `original` (the model before the collapse, unchanged) on `inputs`.
 
-    `graph` is the original's graph when fx cannot trace it (as for `analyze`). Linear, Conv2d, LSTM layers and
+    `graph` is the original's graph when fx cannot trace it (as for `analyze`). Linear, Conv2d, recurrent layers and
     2-d weights entering a matmul are refitted; other rewritten parameters keep the applied weights and are
     listed under `kept_merged`. Returns per layer the squared residual on `inputs` of the applied and of the
     refitted weights."""
@@ -125,9 +126,11 @@ def refit(
     reference = record(graph, original, inputs, {node.name for node in sites})
 
     def fit(node: fx.Node, args: tuple) -> None:  # just before the collapsed network runs the layer
-        if node.op == "call_module" and isinstance(original.get_submodule(node.target), nn.LSTM):
+        if node.op == "call_module" and isinstance(original.get_submodule(node.target), nn.RNNBase):
             report["layers"].extend(
-                _refit_lstm(node.target, model, original, plan, args, reference[node.name][0], strength, lstm_passes)
+                _refit_recurrent(
+                    node.target, model, original, plan, args, reference[node.name][0], strength, recurrent_passes
+                )
             )
         else:
             report["layers"].append(_refit_layer(node, model, plan, args, reference[node.name][1], strength))
@@ -179,7 +182,7 @@ def _refit_layer(
     return {"name": name, "residual_applied": before, "residual_refit": after}
 
 
-def _refit_lstm(
+def _refit_recurrent(
     target: str,
     model: nn.Module,
     original: nn.Module,
@@ -190,26 +193,50 @@ def _refit_lstm(
     passes: int,
 ) -> list[dict]:
     module, source = model.get_submodule(target), original.get_submodule(target)
-    names = lstm_layer_names(source, target)
-    sequences = lstm_trajectories(source, reference_args)
+    names = recurrent_layer_names(source, target)
+    sequences = recurrent_trajectories(source, reference_args)
     reports = []
-    for index, (layer, (x_ref, previous_ref, _)) in enumerate(zip(lstm_layers(source), sequences, strict=True)):
-        gates = x_ref @ layer["weight_ih"].T + previous_ref @ layer["weight_hh"].T
-        gates = gates + sum(layer[n] for n in ("bias_ih", "bias_hh") if n in layer)
-        target_gates = _features(_to_units(gates, _out_axes(plan.params.get(names[index]["weight_ih"])), -1, plan), -1)
-        live = lstm_layers(module)[index]
+    for index, (layer, (x_ref, previous_ref, _)) in enumerate(zip(recurrent_layers(source), sequences, strict=True)):
+        axes = _out_axes(plan.params.get(names[index]["weight_ih"]))
+        targets = {  # each weight's part of the original's gate pre-activations, with its bias
+            "weight_ih": x_ref @ layer["weight_ih"].T + layer.get("bias_ih", 0.0),
+            "weight_hh": previous_ref @ layer["weight_hh"].T + layer.get("bias_hh", 0.0),
+        }
+        targets = {name: _features(_to_units(value, axes, -1, plan), -1) for name, value in targets.items()}
+        live = recurrent_layers(module)[index]
         has_bias = "bias_ih" in live
-        w0 = torch.cat([live["weight_ih"], live["weight_hh"]], dim=1).detach().clone()
-        b0 = (live["bias_ih"] + live["bias_hh"]).detach().clone() if has_bias else None
+        applied = {name: tensor.detach().clone() for name, tensor in live.items()}
+        width = live["weight_hh"].shape[1]
+        # (gate rows, weights fitted jointly with their summed biases)
+        blocks = [(slice(None), ("weight_ih", "weight_hh"))]
+        if module.mode == "GRU":
+            blocks = [
+                (slice(0, 2 * width), ("weight_ih", "weight_hh")),
+                (slice(2 * width, None), ("weight_ih",)),
+                (slice(2 * width, None), ("weight_hh",)),
+            ]
         for _ in range(passes):
-            x, previous, _ = lstm_trajectories(module, args)[index]
-            design = torch.cat([_features(x, -1), _features(previous, -1)], dim=1)
-            solved, bias, after, before = ridge(design, target_gates, w0, b0, strength, bias=has_bias)
-            with torch.no_grad():
-                live["weight_ih"].copy_(solved[:, : x.shape[-1]])
-                live["weight_hh"].copy_(solved[:, x.shape[-1] :])
-                if has_bias:
-                    live["bias_ih"].copy_(bias - live["bias_hh"])
-        name = target if isinstance(module, nn.LSTM | LSTMStack) and len(names) == 1 else f"{target}.l{index}"
+            x, previous, _ = recurrent_trajectories(module, args)[index]
+            designs = {"weight_ih": _features(x, -1), "weight_hh": _features(previous, -1)}
+            after = before = 0.0
+            for rows, weights in blocks:
+                biases = [name.replace("weight", "bias") for name in weights]
+                solved, bias, block_after, block_before = ridge(
+                    torch.cat([designs[w] for w in weights], dim=1),
+                    sum(targets[w][:, rows] for w in weights),
+                    torch.cat([applied[w][rows] for w in weights], dim=1),
+                    sum(applied[b][rows] for b in biases) if has_bias else None,
+                    strength,
+                    bias=has_bias,
+                )
+                after, before = after + block_after, before + block_before
+                with torch.no_grad():
+                    offset = 0
+                    for w in weights:
+                        live[w][rows] = solved[:, offset : offset + live[w].shape[1]]
+                        offset += live[w].shape[1]
+                    if has_bias:  # the fitted bias goes to the first bias, the others keep their values
+                        live[biases[0]][rows] = bias - sum(live[b][rows] for b in biases[1:])
+        name = target if len(names) == 1 else f"{target}.l{index}"
         reports.append({"name": name, "residual_applied": before, "residual_refit": after})
     return reports

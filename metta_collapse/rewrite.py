@@ -33,30 +33,36 @@ STATE_QUANTITIES: dict[str, Quantity] = {
 }
 
 
-class LSTMStack(nn.Module):
-    """Single-layer LSTMs of different widths standing in for one multi-layer `nn.LSTM`.
+class RecurrentStack(nn.Module):
+    """Single-layer LSTMs (or GRUs, RNNs) of different widths standing in for one multi-layer module of that kind.
 
-    Same call as `nn.LSTM`; the state layout differs: h and c are (1, B, H_1 + ... + H_L), each layer's
-    state concatenated along the last axis, so that `num_layers` (1) and `hidden_size` (the sum) still
-    describe the state tensors a caller must pass."""
+    Same call as the module it replaces; the state layout differs: each state tensor (h, and c for an LSTM) is
+    (1, B, H_1 + ... + H_L), each layer's state concatenated along the last axis, so that `num_layers` (1) and
+    `hidden_size` (the sum) still describe the state tensors a caller must pass."""
 
-    def __init__(self, layers: list[nn.LSTM]):
+    def __init__(self, layers: list[nn.RNNBase]):
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.mode = layers[0].mode
         self.batch_first = layers[0].batch_first
         self.num_layers = 1
         self.hidden_size = sum(layer.hidden_size for layer in layers)
         self.input_size = layers[0].input_size
 
-    def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, hx: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None):
         widths = [layer.hidden_size for layer in self.layers]
-        states = zip(*(s.split(widths, dim=-1) for s in hx), strict=True) if hx is not None else [None] * len(widths)
-        hs, cs = [], []
+        lstm = self.mode == "LSTM"
+        if hx is None:
+            states = [None] * len(widths)
+        else:
+            states = list(zip(*(s.split(widths, dim=-1) for s in hx), strict=True)) if lstm else hx.split(widths, -1)
+        finals = []
         for layer, state in zip(self.layers, states, strict=True):
-            x, (h, c) = layer(x, state)
-            hs.append(h)
-            cs.append(c)
-        return x, (torch.cat(hs, dim=-1), torch.cat(cs, dim=-1))
+            x, final = layer(x, state)
+            finals.append(final)
+        if lstm:
+            return x, tuple(torch.cat(parts, dim=-1) for parts in zip(*finals, strict=True))
+        return x, torch.cat(finals, dim=-1)
 
 
 def _segments(labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -198,7 +204,7 @@ def _rewrite(model: nn.Module, plan: CollapsePlan, kept: dict | None) -> dict[st
         module = model.get_submodule(module_name)
         _resize(module)
         if action == "stack":
-            _replace(model, module_name, _split_lstm(module))
+            _replace(model, module_name, _split_recurrent(module))
     return replaced
 
 
@@ -216,30 +222,32 @@ def _resize(module: nn.Module) -> None:
         module.embedding_dim = module.weight.shape[1]
     elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
         module.num_features = (module.weight if module.affine else module.running_mean).shape[0]
-    elif isinstance(module, nn.LSTM):
+    elif isinstance(module, nn.RNNBase):
         module.input_size = module.weight_ih_l0.shape[1]
         module.hidden_size = module.weight_hh_l0.shape[1]
         module._init_flat_weights()
 
 
-def _split_lstm(lstm: nn.LSTM) -> LSTMStack:
+def _split_recurrent(module: nn.RNNBase) -> RecurrentStack:
+    extra = {"nonlinearity": module.nonlinearity} if isinstance(module, nn.RNN) else {}
     layers = []
-    for index in range(lstm.num_layers):
-        weight_hh = getattr(lstm, f"weight_hh_l{index}")
-        layer = nn.LSTM(
-            getattr(lstm, f"weight_ih_l{index}").shape[1],
+    for index in range(module.num_layers):
+        weight_hh = getattr(module, f"weight_hh_l{index}")
+        layer = type(module)(
+            getattr(module, f"weight_ih_l{index}").shape[1],
             weight_hh.shape[1],
-            bias=lstm.bias,
-            batch_first=lstm.batch_first,
+            bias=module.bias,
+            batch_first=module.batch_first,
             device=weight_hh.device,
             dtype=weight_hh.dtype,
+            **extra,
         )
         for name in layer._flat_weights_names:
-            setattr(layer, name, getattr(lstm, name.replace("_l0", f"_l{index}")))
-        layer.dropout = lstm.dropout if index < lstm.num_layers - 1 else 0.0
-        layer.train(lstm.training)
+            setattr(layer, name, getattr(module, name.replace("_l0", f"_l{index}")))
+        layer.dropout = module.dropout if index < module.num_layers - 1 else 0.0
+        layer.train(module.training)
         layers.append(layer)
-    return LSTMStack(layers)
+    return RecurrentStack(layers)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

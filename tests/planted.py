@@ -43,8 +43,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def gate_owner(owner: np.ndarray, base: int) -> np.ndarray:
-    return np.concatenate([owner + gate * base for gate in range(4)])
+def gate_owner(owner: np.ndarray, base: int, gates: int = 4) -> np.ndarray:
+    return np.concatenate([owner + gate * base for gate in range(gates)])
 
 
 def one_hot(labels, k: int | None = None) -> torch.Tensor:

@@ -190,7 +190,7 @@ def test_multilayer_lstm_with_different_widths_becomes_a_stack():
     plan = mc.analyze(big, (x, h, c), EXACT, spec)
     assert [layer.width_after for layer in plan.layers[:2]] == [3, 5]
     mc.collapse(big, plan)
-    assert isinstance(big.lstm, mc.LSTMStack) and [m.hidden_size for m in big.lstm.layers] == [3, 5]
+    assert isinstance(big.lstm, mc.RecurrentStack) and [m.hidden_size for m in big.lstm.layers] == [3, 5]
     new_h = mc.map_state(plan, "h", h)
     assert new_h.shape == (1, 3, 8)
     out, h_n, _ = big(x, new_h, mc.map_state(plan, "c", c))

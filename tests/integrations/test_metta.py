@@ -291,7 +291,7 @@ def test_september_chain_collapses_and_updates_the_lstm_wrapper():
     got = widths(record)
     assert got["policy.cnn1"] == 32 and got["policy.fc1"] == 64 and got["policy.critic_1"] == 512
     assert got["policy.actor_1"] == 512  # feeds the 3-d bilinear head
-    assert isinstance(model.lstm, mc.LSTMStack) and [m.hidden_size for m in model.lstm.layers] == [64, 128]
+    assert isinstance(model.lstm, mc.RecurrentStack) and [m.hidden_size for m in model.lstm.layers] == [64, 128]
     assert (model.hidden_size, model.num_layers) == (192, 1)
     assert model.lstm_h == {} and model.lstm_c == {}
     assert record["kl_max"] < 1e-6 and record["value_err"] < 1e-4  # KL of the bilinear head's logits; float32
@@ -313,7 +313,7 @@ def test_component_fast_collapses_actor_1_and_keeps_its_layers_consistent():
     assert got["components.cnn1._net.0"] == 32 and got["components.fc1._net.0"] == 64
     assert got["components.actor_1._net.0"] == 256 and got["components.critic_1._net.0"] == 512
     core = model.components._core_
-    assert isinstance(core._net, mc.LSTMStack) and [m.hidden_size for m in core._net.layers] == [64, 128]
+    assert isinstance(core._net, mc.RecurrentStack) and [m.hidden_size for m in core._net.layers] == [64, 128]
     assert (core.hidden_size, core.num_layers) == (192, 1) and core.lstm_h == {} and core.lstm_c == {}
     for name, layer in model.components.items():
         if "weight_net" in vars(layer):
