@@ -5,6 +5,7 @@ reloads without its original class arguments), the optimizer state, the epoch an
 only tensors and plain Python values, so `torch.load(path, weights_only=True)` reads it.
 """
 
+import glob
 import os
 import re
 import warnings
@@ -74,7 +75,10 @@ def load_checkpoint(path: Path) -> dict:
 
 def resume_checkpoint(directory: Path, run: str) -> tuple[Path | None, dict | None]:
     """The latest checkpoint of `run` that reads as one. One that does not (truncated, junk, another kind of
-    file) is renamed aside to `<name>.corrupt`, never deleted, with a warning, and the one before it is tried."""
+    file) is renamed aside to `<name>.corrupt`, never deleted, with a warning, and the one before it is tried.
+    Temporary files of writes a kill interrupted are removed (the caller holds the run's lock)."""
+    for tmp in directory.glob(f"{glob.escape(run)}__*.pt.tmp"):
+        tmp.unlink()
     for _, path in sorted(checkpoint_epochs(directory, run).items(), reverse=True):
         try:
             checkpoint = load_checkpoint(path)

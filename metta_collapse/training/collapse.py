@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -193,9 +194,11 @@ class CollapseTrainTool(TrainTool):
         if not c.enabled or self.run is None:  # nothing to branch from or to check a resume against
             return super().invoke()
         with run_lock(self.run_dir):  # a branch's first checkpoint is part of its job
-            if source is not None and not checkpoint_epochs(self.checkpoint_dir, self.run):
-                self._branch(source)  # a branch killed before its first checkpoint is made again
-            self._check_resume()
+            _, checkpoint = resume_checkpoint(self.checkpoint_dir, self.run)
+            if source is not None and checkpoint is None:
+                self._branch(source)  # a branch killed before its first readable checkpoint is made again
+            else:
+                self._check_resume(checkpoint)
             return super().invoke()
 
     def _source_checkpoint(self) -> Path:
@@ -309,12 +312,20 @@ class CollapseTrainTool(TrainTool):
         observations, _ = rollouts(policy, env_cfg, copies, steps, seed)
         return observations.reshape(-1, horizon, *observations.shape[2:])
 
-    def _check_resume(self) -> None:
-        """A run that has collapsed resumes only with the collapse settings it was made with. The record in its
-        latest checkpoint decides (`collapse.json`, written after it, is restored from it if a kill lost it)."""
-        _, checkpoint = resume_checkpoint(self.checkpoint_dir, self.run)
+    def _check_resume(self, checkpoint: dict | None) -> None:
+        """A run that has collapsed resumes only with the collapse settings it was made with. The record in the
+        checkpoint it resumes from decides; `collapse.json` is rewritten from it where a kill left it missing or
+        from a collapse that no checkpoint holds."""
         record = (checkpoint or {}).get("extra", {}).get("collapse")
+        written = self.run_dir / "collapse.json"
         if record is None:
+            if written.exists():
+                warnings.warn(
+                    f"{written} records a collapse that no checkpoint holds (the run was killed before saving it): "
+                    "removed; the collapse runs again",
+                    stacklevel=2,
+                )
+                written.unlink()
             return
         made, now = record.get("settings", {}), self.collapse.settings()
         differs = [f"collapse.{key}={made[key]}" for key in made if key in now and made[key] != now[key]]
@@ -323,8 +334,8 @@ class CollapseTrainTool(TrainTool):
                 f"run {self.run!r} was collapsed with other collapse settings ({', '.join(differs)}): resume it "
                 "with those, or give this run its own name with run=..."
             )
-        if not (self.run_dir / "collapse.json").exists():
-            write_json(self.run_dir / "collapse.json", record)
+        if not written.exists() or written.read_text() != json.dumps(record, indent=2):
+            write_json(written, record)
 
     def make_optimizer(self, policy: FastPolicy) -> torch.optim.Optimizer:
         """The optimizer PuffeRL builds (Adam with the tool's settings), to carry a checkpoint's state."""
@@ -383,6 +394,7 @@ class CollapseTrainTool(TrainTool):
             raise RuntimeError(f"collapse at epoch {state.epoch} failed, nothing was changed: {error}") from error
         record |= {"epoch": state.epoch, "agent_step": state.agent_step}
         state.extra["collapse"] = record
+        state.checkpoint = True  # a kill before the next checkpoint would otherwise redo the collapse on new data
         state.metrics.update(collapse_metrics(record))
         write_json(self.run_dir / "collapse.json", record)
         print_record(record)

@@ -60,6 +60,8 @@ class TrainerState:
     extra: dict = field(default_factory=dict)
     # a callback sets this to end training after the current epoch (with a final checkpoint)
     stop: bool = False
+    # a callback sets this to checkpoint the current epoch whatever the interval (e.g. right after a collapse)
+    checkpoint: bool = False
 
     @property
     def policy(self) -> FastPolicy:
@@ -208,7 +210,8 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
             logger.log(state.metrics)
             print_progress(state.metrics, total)
             done = trainer.global_step >= total or state.stop
-            if done or (ckpt.checkpoint_interval and trainer.epoch % ckpt.checkpoint_interval == 0):
+            if done or state.checkpoint or (ckpt.checkpoint_interval and trainer.epoch % ckpt.checkpoint_interval == 0):
+                state.checkpoint = False
                 path = save_checkpoint(
                     tool.checkpoint_dir,
                     tool.run,
