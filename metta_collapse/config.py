@@ -105,8 +105,23 @@ def check_section(section: Any) -> None:
         raise ValueError(f"the collapse's size is set twice ({' and '.join(given)}): give one of them")
     if section.metric == "exact" and (budget.params is not None or budget.kl is not None):
         raise ValueError("collapse.metric=exact merges exact copies only: it has no size to budget")
+    if section.epoch_fraction is not None and "epoch_idx" in section.model_fields_set:
+        raise ValueError(
+            "collapse.epoch_fraction sets collapse.epoch_idx from the run's length: give one of them"
+        )
     if section.metric == "basis" and section.fit_steps < MIN_SAMPLES:
         raise ValueError(
             f"collapse.fit_steps={section.fit_steps}: a basis of the activations needs at least {MIN_SAMPLES} "
             "agent steps"
         )
+
+
+# what both runtimes' sweeps search, by override path: (min, max, search centre), logit-normal in (0, 1)
+SWEEP_SPACE = {"collapse.budget.params": (0.05, 0.9, 0.3), "collapse.epoch_fraction": (0.2, 0.8, 0.5)}
+
+
+def epoch_at_fraction(fraction: float, epochs: int, interval: int = 1) -> int:
+    """`collapse.epoch_fraction`'s epoch: ⌊fraction × epochs⌋ rounded down to a multiple of `interval` (a
+    checkpoint of the baseline a sweep's trials branch from), at least one interval."""
+    interval = max(interval, 1)
+    return max(interval, int(fraction * epochs) // interval * interval)

@@ -9,6 +9,7 @@ only describes Metta's policy to it and wires it into Metta's trainer.
 import functools
 import importlib.util
 import logging
+import math
 import operator
 import os
 from collections.abc import Callable
@@ -54,6 +55,8 @@ def section_fields(knobs: dict[str, type[BaseModel]]) -> dict[str, Any]:
     return {
         "enabled": (bool, True),
         "epoch_idx": (int, Field(default=10, ge=0)),
+        # sweep-only: epoch_idx = ⌊epoch_fraction × the run's epochs⌋, so that every trial collapses
+        "epoch_fraction": (float | None, Field(default=None, gt=0.0, lt=1.0)),
         "metric": (mc.config.Metric, "basis"),
         **{name: (cls, Field(default_factory=cls)) for name, cls in knobs.items()},
         "refit": (bool, True),
@@ -644,6 +647,14 @@ def refuse_unsupported(tool: Any) -> None:
         )
 
 
+def apply_epoch_fraction(tool: Any) -> None:
+    """A sweep trial's `collapse.epoch_fraction` becomes its `collapse.epoch_idx`, inside its agent steps."""
+    section = tool.collapse
+    if section.enabled and section.epoch_fraction is not None:
+        epochs = math.ceil(tool.trainer.total_timesteps / tool.trainer.batch_size)
+        section.epoch_idx = mc.config.epoch_at_fraction(section.epoch_fraction, epochs)
+
+
 @functools.cache
 def metta_train_tool_class() -> type:
     """Metta's `TrainTool` plus the `collapse` section, for the era found."""
@@ -660,6 +671,7 @@ def metta_train_tool_class() -> type:
 
             def invoke(self, *args: Any) -> int | None:
                 refuse_unsupported(self)
+                apply_epoch_fraction(self)
                 return super().invoke(*args)
 
             def _register_components(self, *, trainer: Any, wandb_run: Any = None, **kwargs: Any) -> None:
@@ -685,6 +697,7 @@ def metta_train_tool_class() -> type:
 
         def invoke(self, *args: Any) -> int | None:
             refuse_unsupported(self)
+            apply_epoch_fraction(self)
             self.trainer.losses.loss_configs["collapse"] = CollapseLossConfig(section=self.collapse)
             return super().invoke(*args)
 
@@ -717,9 +730,9 @@ def metta_train() -> Any:
     return metta_train_tool_class()(**{name: getattr(base, name) for name in type(base).model_fields})
 
 
-def metta_sweep(sweep_name: str, recipe: str, epoch_idx: tuple[int, int] = (100, 1000)) -> Any:
-    """Current era: Metta's Protein sweep over the default units' knob (`collapse.rank_tol.*`, log-normal) and
-    epoch_idx (override paths of the train tool)."""
+def metta_sweep(sweep_name: str, recipe: str) -> Any:
+    """Current era: Metta's Protein sweep over the collapse's parameter budget and the fraction of the run at
+    which it comes (override paths of the train tool, so a trial is `./tools/run.py ... path=value`)."""
     if detect_era() != "current":
         raise NotImplementedError("the Metta sweep is built for the current era only; September: use the embedded one")
     from metta.sweep.core import Distribution as D
@@ -727,11 +740,9 @@ def metta_sweep(sweep_name: str, recipe: str, epoch_idx: tuple[int, int] = (100,
     from metta.sweep.core import make_sweep
 
     parameters = [
-        SP.param(f"collapse.rank_tol.{kind}", D.LOG_NORMAL, min=1e-3, max=0.5, search_center=center)
-        for kind, center in mc.RankTol().model_dump().items()
+        SP.param(path, D.LOGIT_NORMAL, min=low, max=high, search_center=center)
+        for path, (low, high, center) in mc.config.SWEEP_SPACE.items()
     ]
-    low, high = epoch_idx
-    parameters.append(SP.param("collapse.epoch_idx", D.INT_UNIFORM, min=low, max=high, search_center=(low + high) // 2))
     return make_sweep(
         name=sweep_name,
         recipe=recipe,

@@ -95,6 +95,8 @@ class CollapseSection(Config):
 
     enabled: bool = True
     epoch_idx: int = Field(default=10, ge=0)
+    # sweep-only: epoch_idx = ⌊epoch_fraction × the run's epochs⌋ (rounded down to the checkpoint interval)
+    epoch_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
     metric: mc.config.Metric = "basis"
     thresholds: mc.Thresholds = Field(default_factory=mc.Thresholds)
     rank_tol: mc.RankTol = Field(default_factory=mc.RankTol)
@@ -173,6 +175,11 @@ class CollapseTrainTool(TrainTool):
     def invoke(self) -> int | None:
         c = self.collapse
         c.check()
+        if c.epoch_fraction is not None:
+            epochs = math.ceil(self.trainer.total_timesteps / self.trainer.batch_size)
+            c.epoch_idx = mc.config.epoch_at_fraction(
+                c.epoch_fraction, epochs, self.trainer.checkpoint.checkpoint_interval
+            )
         if not c.enabled and c.init_from is not None:
             raise ConfigError(
                 f"collapse.init_from={c.init_from} branches with a collapse, but collapse.enabled=false: drop one"

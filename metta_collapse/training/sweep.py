@@ -1,10 +1,17 @@
-"""Threshold sweeps with PufferLib's Protein (the optimiser Metta's sweeps use), trials run one after another.
+"""Size sweeps with PufferLib's Protein (the optimiser Metta's sweeps use), trials one after another.
 
-Each trial is an ordinary run of the collapse recipe: a copy of `trial` (set by overrides such as
-`trial.trainer.total_timesteps=200000`) with the suggested `collapse.*` values; its score is the mean
-`experience/rewards` over the last `objective_epochs` epochs after the collapse."""
+The sweep trains one baseline run (`<name>.baseline`, the trial's settings, never collapsed). Each trial branches
+from it at `collapse.epoch_idx = ⌊epoch_fraction × epochs⌋` (a baseline checkpoint) with a parameter budget
+`collapse.budget.params`, both suggested by Protein, and trains to the same total. Its score:
 
+    score = reward recovered − size_weight × parameters kept
+
+with `reward recovered` the trial's mean `experience/rewards` over its last `objective_epochs` epochs divided by
+the baseline's over the same epochs, and `parameters kept` the collapse's params_after / params_before."""
+
+import contextlib
 import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -12,95 +19,114 @@ from pathlib import Path
 import pufferlib
 from pydantic import Field
 
-import metta_collapse as mc
+from metta_collapse.config import SWEEP_SPACE
 from metta_collapse.training.collapse import CollapseTrainTool, write_json
-from metta_collapse.training.config import Tool
+from metta_collapse.training.config import ConfigError, Tool
 from metta_collapse.training.metrics import read_metrics
-
-THRESHOLD_DEFAULTS = {"linear": 0.7, "cnn": 0.5, "lstm": 1.0, "critic": 0.8}
 
 
 class SweepTool(Tool):
     name: str = Field(default="collapse_sweep", pattern=r"^[\w.=+-]+$")
     trials: int = Field(default=8, ge=1)
     objective_epochs: int = Field(default=10, ge=1)
-    # also search collapse.epoch_idx in [epoch_idx_min, epoch_idx_max] (epochs of each trial's own run)
-    search_epoch_idx: bool = False
-    epoch_idx_min: int = Field(default=1, ge=0)
-    epoch_idx_max: int = Field(default=20, ge=0)
+    size_weight: float = Field(default=0.5, ge=0.0, allow_inf_nan=False)
     seed: int = 0
     trial: CollapseTrainTool = Field(default_factory=CollapseTrainTool)
 
     def search_space(self) -> dict:
-        """The trial's own knob: the thresholds of a weight metric, or the basis's rank tolerances."""
-        if self.trial.collapse.metric == "basis":
-            log = {"distribution": "log_normal", "min": 1e-3, "max": 0.5, "scale": "auto"}
-            space = {"rank_tol": {kind: log | {"mean": mean} for kind, mean in mc.RankTol().model_dump().items()}}
-        else:
-            uniform = {"distribution": "uniform", "min": 0.0, "max": 2.0, "scale": "auto"}
-            space = {"thresholds": {kind: uniform | {"mean": mean} for kind, mean in THRESHOLD_DEFAULTS.items()}}
-        if self.search_epoch_idx:
-            space["epoch_idx"] = {
-                "distribution": "int_uniform",
-                "min": self.epoch_idx_min,
-                "max": self.epoch_idx_max,
-                "mean": (self.epoch_idx_min + self.epoch_idx_max) // 2,
-                "scale": "auto",
-            }
-        return {"method": "Protein", "metric": "reward_after_collapse", "goal": "maximize", "collapse": space}
+        """Protein's space: `collapse.budget.params` and `collapse.epoch_fraction`, logit-normal in (0, 1)."""
+        space: dict = {}
+        for path, (low, high, centre) in SWEEP_SPACE.items():
+            *sections, leaf = path.split(".")[1:]
+            node = space
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = {"distribution": "logit_normal", "min": low, "max": high, "mean": centre, "scale": "auto"}
+        return {"method": "Protein", "metric": "score", "goal": "maximize", "collapse": space}
 
     def invoke(self) -> int:
         from pufferlib.sweep import Protein
 
-        protein = Protein(self.search_space())
-        out = Path(self.trial.train_dir) / self.name
+        trial = self.trial.model_copy(deep=True)
+        trial.seed, trial.collapse.enabled = self.seed, True
+        trial.collapse.budget.params = SWEEP_SPACE["collapse.budget.params"][2]
+        trial.collapse.epoch_fraction = SWEEP_SPACE["collapse.epoch_fraction"][2]
+        trial.collapse.init_from = f"{self.name}.baseline"
+        trial.collapse.check()  # a trial setting that cannot run fails before the baseline trains
+        if trial.trainer.checkpoint.checkpoint_interval == 0:
+            raise ConfigError("trial.trainer.checkpoint.checkpoint_interval=0: trials branch from baseline checkpoints")
+        baseline = trial.model_copy(deep=True)
+        baseline.run, baseline.collapse.enabled, baseline.collapse.init_from = trial.collapse.init_from, False, None
+        print(f"sweep {self.name}: baseline run {baseline.run}, then {self.trials} trials branching from it")
+        baseline.invoke()
+        with contextlib.redirect_stdout(io.StringIO()):  # Protein prints its search bounds
+            protein = Protein(self.search_space())
+        out = Path(trial.train_dir) / self.name
         out.mkdir(parents=True, exist_ok=True)
         rows = []
         for index in range(self.trials):
-            suggestion, _ = protein.suggest(None)
-            values = dict(pufferlib.unroll_nested_dict(suggestion))
-            tool = self.trial.model_copy(deep=True)
+            with contextlib.redirect_stdout(io.StringIO()):  # and its predictions
+                suggestion, _ = protein.suggest(None)
+            values = {path: round(value, 4) for path, value in pufferlib.unroll_nested_dict(suggestion)}
+            tool = trial.model_copy(deep=True)
             tool.run = f"{self.name}.trial{index}"
-            tool.seed = self.seed
-            for path, value in values.items():
-                section, *rest = path.split("/")[1:]
-                target = getattr(tool.collapse, section) if rest else tool.collapse
-                setattr(target, rest[0] if rest else section, round(value, 4) if isinstance(value, float) else value)
+            tool.collapse.budget.params = values["collapse/budget/params"]
+            tool.collapse.epoch_fraction = values["collapse/epoch_fraction"]
             start = time.time()
             tool.invoke()
-            score = objective(Path(tool.train_dir) / tool.run, self.objective_epochs)
-            cost = time.time() - start
-            protein.observe(suggestion, score if score is not None else 0.0, cost, is_failure=score is None)
-            rows.append(
-                {
-                    "trial": index,
-                    "run": tool.run,
-                    **{
-                        f"collapse.{k.split('/', 1)[1].replace('/', '.')}": v
-                        for k, v in dict(pufferlib.unroll_nested_dict(suggestion)).items()
-                    },
-                    "score": score,
-                    "seconds": cost,
-                }
-            )
+            row = {"trial": index, "run": tool.run, **outcome(tool, baseline, self.objective_epochs, self.size_weight)}
+            row["seconds"] = time.time() - start
+            protein.observe(suggestion, row["score"], row["seconds"], is_failure=False)
+            rows.append(row)
             write_results(out, rows)
-        best = sorted((r for r in rows if r["score"] is not None), key=lambda r: -r["score"])
         print(f"\nsweep {self.name}: {len(rows)} trials, results in {out}/results.csv and results.json")
-        for row in best[:3]:
-            print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        print(frontier(rows))
         return 0
 
 
-def objective(run_dir: Path, epochs: int) -> float | None:
-    """Mean experience/rewards over the last `epochs` epochs after the run's collapse; None without one."""
-    record = run_dir / "collapse.json"
-    if not record.exists():
-        return None
-    collapse_epoch = json.loads(record.read_text())["epoch"]
-    after = [
-        m["experience/rewards"] for m in read_metrics(run_dir / "metrics.jsonl") if m["metric/epoch"] > collapse_epoch
-    ]
-    return sum(after[-epochs:]) / len(after[-epochs:]) if after else None
+def outcome(tool: CollapseTrainTool, baseline: Tool, epochs: int, size_weight: float) -> dict:
+    """A finished trial's settings, size, reward and score (module docstring)."""
+    run_dir = Path(tool.train_dir) / tool.run
+    record = json.loads((run_dir / "collapse.json").read_text())
+    rewards = {m["metric/epoch"]: m["experience/rewards"] for m in read_metrics(run_dir / "metrics.jsonl")}
+    base = {m["metric/epoch"]: m["experience/rewards"] for m in read_metrics(baseline.run_dir / "metrics.jsonl")}
+    last = [epoch for epoch in sorted(rewards) if epoch > record["epoch"] and epoch in base][-epochs:]
+    if not last:
+        raise ConfigError(f"{tool.run} trained no epoch after its collapse at epoch {record['epoch']}")
+    reward, base_reward = (sum(r[e] for e in last) / len(last) for r in (rewards, base))
+    if base_reward <= 0:
+        raise ConfigError(
+            f"the baseline earned no reward over epochs {last[0]}-{last[-1]}: the score (reward recovered) needs "
+            "it; train longer (trial.trainer.total_timesteps)"
+        )
+    kept = record["params_after"] / record["params_before"]
+    return {
+        "collapse.epoch_fraction": tool.collapse.epoch_fraction,
+        "collapse.epoch_idx": record["source_epoch"],
+        "collapse.budget.params": tool.collapse.budget.params,
+        "kept": kept,
+        "reward": reward,
+        "baseline_reward": base_reward,
+        "recovered": reward / base_reward,
+        "score": reward / base_reward - size_weight * kept,
+    }
+
+
+def frontier(rows: list[dict]) -> str:
+    """The trials by parameters kept; * marks the frontier: no other trial keeps fewer and recovers more."""
+    lines = [f"{'trial':>5} {'epoch':>5} {'budget':>6} {'kept':>6} {'recovered':>9} {'score':>7}"]
+    for row in sorted(rows, key=lambda r: r["kept"]):
+        dominated = any(
+            (o["kept"], -o["recovered"]) != (row["kept"], -row["recovered"])
+            and o["kept"] <= row["kept"]
+            and o["recovered"] >= row["recovered"]
+            for o in rows
+        )
+        lines.append(
+            f"{row['trial']:>5} {row['collapse.epoch_idx']:>5} {row['collapse.budget.params']:>6.3f} "
+            f"{row['kept']:>6.1%} {row['recovered']:>9.3f} {row['score']:>7.3f}{'' if dominated else ' *'}"
+        )
+    return "\n".join(lines)
 
 
 def write_results(directory: Path, rows: list[dict]) -> None:

@@ -768,12 +768,14 @@ def test_inside_metta_the_sweep_searches_override_paths_of_the_train_tool():
     recipe = importlib.import_module("experiments.recipes.collapse_arena")
     sweep = recipe.sweep("cs1")
     assert (sweep.recipe_module, sweep.train_entrypoint) == ("experiments.recipes.collapse_arena", "train")
-    knob = {f"collapse.rank_tol.{kind}" for kind in mc.RankTol.model_fields}
-    assert set(sweep.search_space) == knob | {"collapse.epoch_idx"}
+    assert set(sweep.search_space) == set(mc.config.SWEEP_SPACE) == {"collapse.budget.params", "collapse.epoch_fraction"}
     tool = recipe.train()
     for path, parameter in sweep.search_space.items():  # what a trial does: `./tools/run.py ... path=value`
-        tool.override(path, int(parameter.max) if path.endswith("epoch_idx") else parameter.max)
-    assert set(tool.collapse.rank_tol.model_dump().values()) == {0.5} and tool.collapse.epoch_idx == 1000
+        tool.override(path, parameter.max)
+    adapter.apply_epoch_fraction(tool)
+    epochs = -(-tool.trainer.total_timesteps // tool.trainer.batch_size)
+    assert tool.collapse.budget.params == sweep.search_space["collapse.budget.params"].max
+    assert 1 <= tool.collapse.epoch_idx < epochs  # every trial collapses inside its own agent steps
     adapter.refuse_unsupported(tool)  # one knob: a trial runs
 
 

@@ -1,0 +1,55 @@
+"""The embedded sweep: one baseline, trials that branch from it inside its agent steps, the score and frontier."""
+
+import json
+from pathlib import Path
+
+import pytest
+from test_training_run import TINY
+
+from metta_collapse.training.checkpoint import checkpoint_epochs
+from metta_collapse.training.config import ConfigError
+from metta_collapse.training.runner import build_tool
+
+EPOCHS = 4
+
+
+def sweep_tool(tmp_path: Path, *extra: str):
+    return build_tool(
+        [
+            "experiments.recipes.collapse_arena.sweep",
+            "name=s",
+            "trials=2",
+            "objective_epochs=1",
+            f"trial.train_dir={tmp_path}",
+            "trial.wandb.enabled=false",
+            *[f"trial.{key}={value}" for key, value in TINY.items()],
+            "trial.trainer.checkpoint.checkpoint_interval=1",
+            "trial.trainer.checkpoint.wandb_checkpoint_interval=0",
+            f"trial.trainer.total_timesteps={EPOCHS * 384}",
+            "trial.collapse.fit_steps=1024",
+            *extra,
+        ]
+    )
+
+
+def test_trials_branch_from_one_baseline_collapse_inside_their_steps_and_the_frontier_is_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    sweep_tool(tmp_path, "trial.collapse.refit=false").invoke()  # refit off: a short test
+    rows = json.loads((tmp_path / "s" / "results.json").read_text())["trials"]
+    assert len(rows) == 2 and len(checkpoint_epochs(tmp_path / "s.baseline" / "checkpoints", "s.baseline")) == EPOCHS
+    for row in rows:
+        record = json.loads((tmp_path / row["run"] / "collapse.json").read_text())
+        assert record["source"] == "s.baseline" and 1 <= record["source_epoch"] < EPOCHS
+        assert row["collapse.epoch_idx"] == int(row["collapse.epoch_fraction"] * EPOCHS)
+        assert row["kept"] == record["params_after"] / record["params_before"] <= row["collapse.budget.params"]
+        assert row["score"] == pytest.approx(row["reward"] / row["baseline_reward"] - 0.5 * row["kept"])
+    out = capsys.readouterr().out
+    assert "Predicted" not in out and "recovered" in out.split("results.json")[-1]
+    assert sum(line.endswith(" *") for line in out.splitlines()) >= 1  # the frontier is marked
+
+
+def test_a_trial_setting_that_cannot_run_fails_before_the_baseline_trains(tmp_path: Path):
+    with pytest.raises(ConfigError, match="set twice"):
+        sweep_tool(tmp_path, "trial.collapse.rank_tol.lstm=0.1").invoke()
+    assert not (tmp_path / "s.baseline").exists()
