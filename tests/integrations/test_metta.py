@@ -772,11 +772,11 @@ def test_inside_metta_the_sweep_searches_override_paths_of_the_train_tool():
     tool = recipe.train()
     for path, parameter in sweep.search_space.items():  # what a trial does: `./tools/run.py ... path=value`
         tool.override(path, parameter.max)
+    adapter.refuse_unsupported(tool)  # one knob: a trial runs
     adapter.apply_epoch_fraction(tool)
     epochs = -(-tool.trainer.total_timesteps // tool.trainer.batch_size)
     assert tool.collapse.budget.params == sweep.search_space["collapse.budget.params"].max
     assert 1 <= tool.collapse.epoch_idx < epochs  # every trial collapses inside its own agent steps
-    adapter.refuse_unsupported(tool)  # one knob: a trial runs
 
 
 def test_a_september_stand_in_keeps_its_lstms_at_a_quarter_of_the_parameters():
