@@ -14,7 +14,7 @@ import scipy.linalg
 import torch
 from torch import fx, nn
 
-from metta_collapse.activations import recurrent_trajectories, record
+from metta_collapse.activations import record, recurrent_trajectories
 from metta_collapse.analysis import analyze
 from metta_collapse.config import MIN_SAMPLES, CollapseConfig, ModelSpec, RankTol, Thresholds
 from metta_collapse.errors import CollapseError

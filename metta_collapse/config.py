@@ -106,9 +106,7 @@ def check_section(section: Any) -> None:
     if section.metric == "exact" and (budget.params is not None or budget.kl is not None):
         raise ValueError("collapse.metric=exact merges exact copies only: it has no size to budget")
     if section.epoch_fraction is not None and "epoch_idx" in section.model_fields_set:
-        raise ValueError(
-            "collapse.epoch_fraction sets collapse.epoch_idx from the run's length: give one of them"
-        )
+        raise ValueError("collapse.epoch_fraction sets collapse.epoch_idx from the run's length: give one of them")
     if section.metric == "basis" and section.fit_steps < MIN_SAMPLES:
         raise ValueError(
             f"collapse.fit_steps={section.fit_steps}: a basis of the activations needs at least {MIN_SAMPLES} "

@@ -197,8 +197,8 @@ class ParamMap:
 class StateMap:
     """How a recurrent-state input maps: one hidden space per recurrent layer along its last axis.
 
-    `layer_axis`: the state holds the layers along axis 0 (an `nn.LSTM`'s or `nn.GRU`'s h0); `stacked`: after the collapse
-    the layers' states are concatenated along the last axis instead (see `RecurrentStack`)."""
+    `layer_axis`: the state holds the layers along axis 0 (an `nn.LSTM`'s or `nn.GRU`'s h0); `stacked`: after the
+    collapse the layers' states are concatenated along the last axis instead (see `RecurrentStack`)."""
 
     spaces: list[Space]
     layer_axis: bool

@@ -17,10 +17,10 @@ from torch import fx, nn
 
 from metta_collapse.activations import (
     collapsed_inputs,
+    record,
     recurrent_layer_names,
     recurrent_layers,
     recurrent_trajectories,
-    record,
 )
 from metta_collapse.graph import as_graph
 from metta_collapse.plan import AxisMap, CollapsePlan, ParamMap

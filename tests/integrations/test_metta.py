@@ -768,7 +768,8 @@ def test_inside_metta_the_sweep_searches_override_paths_of_the_train_tool():
     recipe = importlib.import_module("experiments.recipes.collapse_arena")
     sweep = recipe.sweep("cs1")
     assert (sweep.recipe_module, sweep.train_entrypoint) == ("experiments.recipes.collapse_arena", "train")
-    assert set(sweep.search_space) == set(mc.config.SWEEP_SPACE) == {"collapse.budget.params", "collapse.epoch_fraction"}
+    searched = {"collapse.budget.params", "collapse.epoch_fraction"}
+    assert set(sweep.search_space) == set(mc.config.SWEEP_SPACE) == searched
     tool = recipe.train()
     for path, parameter in sweep.search_space.items():  # what a trial does: `./tools/run.py ... path=value`
         tool.override(path, parameter.max)

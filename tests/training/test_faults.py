@@ -89,7 +89,8 @@ def test_a_run_killed_at_every_point_and_resumed_ends_as_one_run(tmp_path: Path)
         attempts(command(tmp_path, "late", EPOCHS, f"collapse.epoch_idx={COLLAPSE_EPOCH}"), after_the_collapse)
         branch = command(tmp_path, "branch", 4, "collapse.init_from=reference", "collapse.epoch_idx=2")
         # killed in its collapse; its only checkpoint torn; before its collapse.json; its first epoch's checkpoint
-        attempts(branch, [("before_collapse", 0), ("torn_checkpoint", 2), ("before_record", 0), ("checkpoint_write", 3)])
+        kills = [("before_collapse", 0), ("torn_checkpoint", 2), ("before_record", 0), ("checkpoint_write", 3)]
+        attempts(branch, kills)
 
     with ThreadPoolExecutor(2) as pool:  # two independent chains of jobs, one per core
         chains = [pool.submit(attempts, live, before_the_collapse), pool.submit(reference_then_later_kills_then_branch)]
