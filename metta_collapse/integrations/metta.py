@@ -63,6 +63,8 @@ def section_fields(knobs: dict[str, type[BaseModel]]) -> dict[str, Any]:
         "fit_steps": (int, Field(default=6144, ge=1)),
         "mode": (Literal["fibration", "random_ablation"], "fibration"),
         "optimizer_state": (Literal["remap", "reset"], "remap"),
+        # current era: shrink the Cortex core too (the policy then needs this project to load), or keep Metta's classes
+        "core": (Literal["shrink", "stock"], "shrink"),
         "seed": (int, 0),
     }
 
@@ -115,33 +117,68 @@ def _encoder_steps(layer: Callable[[str], str]) -> list[S]:
     ]
 
 
-def _lstm_steps(lstm: str) -> list[S]:
-    """One step of a sequence-first LSTM from the given state (h, c)."""
+def _lstm_steps(lstm: str, time_axis: int = 0) -> list[S]:
+    """One step of an LSTM from the given state (h, c), its sequence axis `time_axis` (1: batch first)."""
     return [
-        S(torch.unsqueeze, ("encoded", 0), name="seq"),
+        S(torch.unsqueeze, ("encoded", time_axis), name="seq"),
         S(lstm, ("seq", ("h", "c")), name="l"),
         S(operator.getitem, ("l", 0), name="o"),
         S(operator.getitem, ("l", 1), name="s"),
         S(operator.getitem, ("s", 0), name="h_n"),
         S(operator.getitem, ("s", 1), name="c_n"),
-        S(torch.squeeze, ("o", 0), name="hidden"),
+        S(torch.squeeze, ("o", time_axis), name="hidden"),
     ]
 
 
-def current_fast_chain(root: nn.Module) -> fx.GraphModule:
-    """`FastPolicy` (a8d1ece, agent/src/metta/agent/policies/fast.py): the CNN encoder from the normalised box,
-    and the heads from the Cortex core's output. The core keeps its width: Cortex's LSTM cell takes its input
-    at its own hidden size (`d_hidden`), so no architecture spec could hold a core shrunk on one side."""
-    steps = _encoder_steps(lambda name: f"cnn_encoder.{name}") + [
-        S("actor_1.module", ("core",)),
+def _current_heads(core: str) -> list[S]:
+    return [
+        S("actor_1.module", (core,)),
         S(torch.relu, name="actor"),
         S("actor_logits.module", ("actor",), name="logits"),
-        S("critic_1.module", ("core",)),
+        S("critic_1.module", (core,)),
         S(torch.tanh, name="critic"),
         S("value_head.module", ("critic",), name="value"),
         S("gtd_aux.module", ("critic",), name="h_value"),
     ]
+
+
+def current_fast_chain(root: nn.Module) -> fx.GraphModule:
+    """`FastPolicy` (a8d1ece, agent/src/metta/agent/policies/fast.py) with `collapse.core=stock`: the CNN encoder
+    from the normalised box, and the heads from the Cortex core's output; the core keeps its width."""
+    steps = _encoder_steps(lambda name: f"cnn_encoder.{name}") + _current_heads("core")
     return mc.chain_graph(root, ["box", "core"], steps, ["logits", "value", "h_value", "encoded"])
+
+
+# the LSTM of the `fast` policy's Cortex core: one column of one pass-through LSTM expert
+CORTEX_LSTM = "core.stack.blocks.0.experts.0.cell.net"
+
+
+def current_core_chain(root: nn.Module) -> fx.GraphModule:
+    """`FastPolicy` with `collapse.core=shrink`: the encoder, one step of the core's (batch-first) LSTM from its
+    state (h, c) at the call, and the heads (`cortex_core` builds the policy narrower than its input)."""
+    steps = _encoder_steps(lambda name: f"cnn_encoder.{name}") + _lstm_steps(CORTEX_LSTM, 1)
+    steps += _current_heads("hidden")
+    return mc.chain_graph(root, ["box", "h", "c"], steps, ["logits", "value", "h_value", "h_n", "c_n"])
+
+
+def narrow_core(root: nn.Module, plan: mc.CollapsePlan) -> None:
+    """After the core's LSTM shrank in place: its cell's width, and the core's stored per-environment states
+    (rows, layers, hidden), mapped like the LSTM's state."""
+    lstm = root.get_submodule(CORTEX_LSTM)
+    cell = root.get_submodule(CORTEX_LSTM.rpartition(".")[0])
+    cell.hidden_size = lstm.hidden_size
+    cell.cfg = cell.cfg.model_copy(update={"hidden_size": lstm.hidden_size})
+    core = root.core
+    core.d_hidden = lstm.input_size  # the encoder's width: the core's zero-input step that makes its state
+
+    def mapped(leaf: torch.Tensor) -> torch.Tensor:
+        return mc.map_state(plan, "h", leaf.movedim(1, 0), plan.kept).movedim(0, 1)
+
+    core._rollout_store_leaves = [mapped(leaf) for leaf in core._rollout_store_leaves]
+    core._row_store_leaves = [mapped(leaf) for leaf in core._row_store_leaves]
+    if core._rollout_current_state is not None:
+        core._rollout_current_state = core._rollout_current_state.apply(mapped)
+    core._leaf_shapes = [(*shape[:-1], lstm.hidden_size) for shape in core._leaf_shapes]
 
 
 def component_fast_chain(root: nn.Module) -> fx.GraphModule:
@@ -232,7 +269,19 @@ SEPTEMBER_SPEC = mc.ModelSpec(
 )
 LAYOUTS = [
     FastLayout(
-        "fast (FastConfig)",
+        "fast (FastConfig, collapse.core=shrink)",
+        "current",
+        current_core_chain,
+        mc.ModelSpec(
+            inputs={"h": mc.InputSpec(role="state"), "c": mc.InputSpec(role="state")},
+            outputs=["logits", "value", "value", "state", "state"],
+        ),
+        {"box": "cnn_encoder.cnn1"},
+        lstm=CORTEX_LSTM,
+        after_rewrite=narrow_core,
+    ),
+    FastLayout(
+        "fast (FastConfig, collapse.core=stock)",
         "current",
         current_fast_chain,
         mc.ModelSpec(outputs=["logits", "value", "value", "features"]),
@@ -260,9 +309,14 @@ LAYOUTS = [
 ]
 
 
-def find_fast(agent: nn.Module, era: Era) -> tuple[str, FastLayout]:
-    """Qualified name of the `fast` policy inside Metta's agent ('' when the agent is it), and its layout."""
-    layouts = [layout for layout in LAYOUTS if layout.era == era]
+def find_fast(agent: nn.Module, era: Era, core: str = "shrink") -> tuple[str, FastLayout]:
+    """Qualified name of the `fast` policy inside Metta's agent ('' when the agent is it), and its layout;
+    current era: with its Cortex core in the chain (`core=shrink`) or as the chain's input (`stock`)."""
+    layouts = [
+        layout
+        for layout in LAYOUTS
+        if layout.era == era and (era != "current" or (layout.lstm is not None) == (core == "shrink"))
+    ]
     for name, module in agent.named_modules():
         for layout in layouts:
             paths = [*layout.entries.values(), *([layout.lstm] if layout.lstm else [])]
@@ -387,7 +441,7 @@ def collapse_agent(
     The units are chosen and the refit solved on the fit part of `rollouts`, a budget judged on the select
     part; the record's KL, value error and top-1 agreement come from the report part, each policy's own action
     head applied to the chain's first output."""
-    prefix, layout = find_fast(agent, era)
+    prefix, layout = find_fast(agent, era, section.core)
     root = agent.get_submodule(prefix)
     chain = layout.chain(root)
     view = nn.Module()
@@ -399,10 +453,11 @@ def collapse_agent(
             # a 2-layer LSTM split into a stack is replaced in the chain only: install it in the policy
             lstm = chain.get_submodule(layout.lstm)
             parent_name, _, attribute = layout.lstm.rpartition(".")
-            wrapper = root.get_submodule(parent_name)
-            setattr(wrapper, attribute, lstm)
-            wrapper.hidden_size, wrapper.num_layers = lstm.hidden_size, lstm.num_layers
-            wrapper.reset_memory()  # per-environment states have the old widths
+            holder = root.get_submodule(parent_name)
+            setattr(holder, attribute, lstm)
+            if era == "september":  # Metta's LSTM wrapper
+                holder.hidden_size, holder.num_layers = lstm.hidden_size, lstm.num_layers
+                holder.reset_memory()  # per-environment states have the old widths
         if layout.after_rewrite is not None:
             layout.after_rewrite(root, plan)
 
@@ -464,7 +519,7 @@ class CollapseHook:
     def watch(self, agent: nn.Module, epoch: int) -> None:
         if not self.pending(agent) or epoch + LEAD_EPOCHS < self.section.epoch_idx:
             return
-        prefix, layout = find_fast(agent, self.era)
+        prefix, layout = find_fast(agent, self.era, self.section.core)
         if self.rollouts is None:
             self.rollouts = Rollouts(layout, self.section.fit_steps, self.agents_per_env)
         self.rollouts.watch(agent.get_submodule(prefix), layout)
@@ -546,6 +601,12 @@ def sync_architecture(architecture: BaseModel, root: nn.Module) -> bool:
     architecture.cnn_encoder_config = encoder.model_copy(update=layers)
     for name, width in heads.items():
         setattr(architecture, name, width)
+    if getattr(architecture, "class_path", "").endswith(".NarrowFastPolicy"):
+        from metta_collapse.integrations.cortex_core import narrow_core_config
+
+        core, lstm = architecture.cortex_core_config, root.get_submodule(CORTEX_LSTM)
+        if (lstm.input_size, lstm.hidden_size) != (core.d_hidden, core.out_features or core.d_hidden):
+            architecture.cortex_core_config = narrow_core_config(core, lstm.input_size, lstm.hidden_size)
     return architecture.model_dump() != before
 
 
@@ -584,7 +645,7 @@ def component_class(base: type) -> type:
         def sync(self) -> bool:
             if self.architecture is None:
                 return False
-            prefix, _ = find_fast(self.context.policy, "current")
+            prefix, _ = find_fast(self.context.policy, "current", self.hook.section.core)
             return sync_architecture(self.architecture, self.context.policy.get_submodule(prefix))
 
     return CollapseComponent
@@ -636,6 +697,8 @@ def refuse_unsupported(tool: Any) -> None:
         field = ".".join(str(part) for part in problem["loc"])
         raise ValueError(f"collapse.{field}={problem.get('input')!r}: {problem['msg']}") from None
     mc.config.check_section(tool.collapse)
+    if tool.collapse.core == "stock" and detect_era() == "september":
+        raise ValueError("collapse.core=stock keeps current Metta's Cortex core; September's LSTM always collapses")
     if getattr(tool.trainer, "compile", False):
         raise ValueError("trainer.compile=true is not supported with collapse.enabled: shapes change mid-training")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -645,6 +708,25 @@ def refuse_unsupported(tool: Any) -> None:
             "so the collapse runs single-process only: train past epoch_idx in one process, then resume "
             "distributed with collapse.enabled=false (the checkpoint carries the collapsed widths)"
         )
+
+
+def limit_threads() -> None:
+    """One torch / OpenMP thread unless OMP_NUM_THREADS says otherwise: with more, Metta's trainer beside another
+    job oversubscribes the cores (measured: 283 agent steps/s instead of 5,260)."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def narrow_architecture(architecture: BaseModel) -> BaseModel:
+    """Metta's `FastConfig` as `NarrowFastConfig` (the same fields), whose policy can be built with a core
+    narrower than its input; any other architecture as it is."""
+    from metta.agent.policies.fast import FastConfig
+
+    if type(architecture) is not FastConfig:
+        return architecture
+    from metta_collapse.integrations.cortex_core import NarrowFastConfig
+
+    fields = {name: getattr(architecture, name) for name in type(architecture).model_fields if name != "class_path"}
+    return NarrowFastConfig(**fields)
 
 
 def apply_epoch_fraction(tool: Any) -> None:
@@ -672,6 +754,9 @@ def metta_train_tool_class() -> type:
             def invoke(self, *args: Any) -> int | None:
                 refuse_unsupported(self)
                 apply_epoch_fraction(self)
+                limit_threads()
+                if self.collapse.enabled and self.collapse.core == "shrink":
+                    self.policy_architecture = narrow_architecture(self.policy_architecture)
                 return super().invoke(*args)
 
             def _register_components(self, *, trainer: Any, wandb_run: Any = None, **kwargs: Any) -> None:
@@ -698,6 +783,7 @@ def metta_train_tool_class() -> type:
         def invoke(self, *args: Any) -> int | None:
             refuse_unsupported(self)
             apply_epoch_fraction(self)
+            limit_threads()
             self.trainer.losses.loss_configs["collapse"] = CollapseLossConfig(section=self.collapse)
             return super().invoke(*args)
 

@@ -62,15 +62,45 @@ class Encoder(nn.Module):
         return torch.relu(self.encoded_obs(torch.relu(self.fc1(torch.flatten(x, 1)))))
 
 
+class CellConfig(BaseModel):
+    hidden_size: int
+
+
+class Cortex(nn.Module):
+    """What the adapter uses of Metta's `CortexTD`: its LSTM at `stack.blocks.0.experts.0.cell.net` (batch
+    first, called from the state (h, c) at each step), the cell's width, and its per-environment state stores
+    (rows, layers, hidden)."""
+
+    def __init__(self, width: int = 128):
+        super().__init__()
+        cell = nn.Module()
+        cell.net, cell.hidden_size, cell.cfg = (
+            nn.LSTM(128, width, batch_first=True),
+            width,
+            CellConfig(hidden_size=width),
+        )
+        expert, block = nn.Module(), nn.Module()
+        expert.cell, block.experts = cell, nn.ModuleList([expert])
+        self.stack = nn.Module()
+        self.stack.blocks = nn.ModuleList([block])
+        self._rollout_store_leaves = [torch.randn(5, 1, width), torch.randn(5, 1, width)]  # h and c of 5 slots
+        self._row_store_leaves: list[torch.Tensor] = []
+        self._rollout_current_state = None
+        self._leaf_shapes = [(1, width), (1, width)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack.blocks[0].experts[0].cell.net(x.unsqueeze(1))[0].squeeze(1)
+
+
 class CurrentFast(nn.Module):
     """Layer names and shapes of the current `FastPolicy`, built from its config; its Cortex core stood in for
-    by one LSTM."""
+    by one LSTM at Cortex's path."""
 
     def __init__(self, config: FastConfig | None = None):
         super().__init__()
         config = config or FastConfig()
         self.cnn_encoder = Encoder(config.cnn_encoder_config)
-        self.core = nn.LSTM(128, 128, batch_first=True)
+        self.core = Cortex()
         self.actor_1 = Holder(nn.Linear(128, config.actor_hidden_dim))
         self.critic_1 = Holder(nn.Linear(128, config.critic_hidden_dim))
         self.value_head = Holder(nn.Linear(config.critic_hidden_dim, 1))
@@ -78,7 +108,7 @@ class CurrentFast(nn.Module):
         self.actor_logits = Holder(nn.Linear(config.actor_hidden_dim, 9))
 
     def forward(self, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        core = self.core(self.cnn_encoder(box).unsqueeze(1))[0].squeeze(1)
+        core = self.core(self.cnn_encoder(box))
         critic = torch.tanh(self.critic_1.module(core))
         return self.actor_logits.module(torch.relu(self.actor_1.module(core))), self.value_head.module(critic)
 
@@ -236,12 +266,15 @@ def rollouts(era: str, model: nn.Module, fit_steps: int = 6, box: torch.Tensor =
     return recording
 
 
-def filled(era: str, model: nn.Module, inputs: dict[str, torch.Tensor], fit_steps: int = 6) -> adapter.Rollouts:
+def filled(
+    era: str, model: nn.Module, inputs: dict[str, torch.Tensor], fit_steps: int = 6, core: str = "shrink"
+) -> adapter.Rollouts:
     """Rollouts holding `inputs` (entry name -> rows); an LSTM's state at zero."""
-    layout = adapter.find_fast(model, era)[1]
+    prefix, layout = adapter.find_fast(model, era, core)
     recording = adapter.Rollouts(layout, fit_steps)
     rows = next(iter(inputs.values())).shape[0]
-    states = {} if layout.lstm is None else dict.fromkeys(("h", "c"), torch.zeros(2, rows, 128))
+    layers = 0 if layout.lstm is None else model.get_submodule(prefix).get_submodule(layout.lstm).num_layers
+    states = {} if layout.lstm is None else dict.fromkeys(("h", "c"), torch.zeros(layers, rows, 128))
     recording.add(inputs | states)
     return recording
 
@@ -257,12 +290,19 @@ def widths(record: dict) -> dict[str, int]:
     return {layer["name"]: layer["width_after"] for layer in record["layers"]}
 
 
-def test_current_chain_is_analysed_and_collapsed_exactly():
+@pytest.mark.parametrize("core", ["shrink", "stock"])
+def test_current_chain_is_analysed_and_collapsed_exactly(core: str):
     torch.manual_seed(0)
-    model = plant(CurrentFast(), skip=("core",))
+    model = plant(CurrentFast(), skip=())
+    stores = [leaf.clone() for leaf in model.core._rollout_store_leaves]
     optimizer = adam_with_state(model)
     reference = model(BOX)
-    record = adapter.collapse_agent(model, optimizer, "current", exact(), rollouts("current", model))
+    section = SECTION(metric="exact", core=core)
+    recording = adapter.Rollouts(adapter.find_fast(model, "current", core)[1], 6, agents_per_env=24)
+    recording.watch(model, adapter.find_fast(model, "current", core)[1])
+    with torch.no_grad():
+        model(BOX)
+    record = adapter.collapse_agent(model, optimizer, "current", section, recording)
     got = widths(record)
     assert {k: got[k] for k in ("cnn_encoder.cnn1", "cnn_encoder.cnn2", "cnn_encoder.fc1")} == {
         "cnn_encoder.cnn1": 32,
@@ -270,8 +310,16 @@ def test_current_chain_is_analysed_and_collapsed_exactly():
         "cnn_encoder.fc1": 64,
     }
     assert got["actor_1.module"] == 256 and got["critic_1.module"] == 512
-    assert got["cnn_encoder.encoded_obs"] == 128  # feeds the undescribed core
-    assert model.actor_1.module.weight.shape == (256, 128)
+    cell = model.core.stack.blocks[0].experts[0].cell
+    if core == "shrink":  # the core's LSTM halves; its cell, stored states and the heads follow
+        assert got["cnn_encoder.encoded_obs"] == 64 and got[adapter.CORTEX_LSTM] == 64
+        assert cell.net.weight_ih_l0.shape == (256, 64) and cell.hidden_size == cell.cfg.hidden_size == 64
+        assert model.actor_1.module.weight.shape == (256, 64) and model.core._leaf_shapes == [(1, 64), (1, 64)]
+        for old, new in zip(stores, model.core._rollout_store_leaves, strict=True):
+            assert torch.allclose(new, (old[..., 0::2] + old[..., 1::2]) / 2)  # each fiber's mean
+    else:  # the core is the chain's input: it and what feeds it keep their width
+        assert got["cnn_encoder.encoded_obs"] == 128 and adapter.CORTEX_LSTM not in got
+        assert model.actor_1.module.weight.shape == (256, 128) and cell.hidden_size == 128
     assert record["kl_max"] < 1e-6 and record["value_err"] < 1e-5
     after = model(BOX)
     assert torch.allclose(after[0], reference[0], atol=1e-5) and torch.allclose(after[1], reference[1], atol=1e-5)
@@ -331,7 +379,8 @@ def test_current_checkpoint_reloads_from_the_synced_architecture_and_never_colla
     config = FastConfig()
     policy = plant(CurrentFast(config), skip=("core",))
     context = SimpleNamespace(policy=policy, optimizer=adam_with_state(policy), epoch=0, agent_step=0)
-    section = SECTION(epoch_idx=1, metric="exact", fit_steps=6)
+    # the stand-in config cannot describe a narrow core (NarrowFastConfig does: the Metta test below)
+    section = SECTION(epoch_idx=1, metric="exact", fit_steps=6, core="stock")
     component = adapter.component_class(StandInComponentBase)(adapter.CollapseHook(section, "current"), config)
     component.register(context)
     assert config == FastConfig()  # nothing to write before the collapse
@@ -371,17 +420,21 @@ class StandInComponentBase:
         self.context = context
 
 
-def metta_fast_policy() -> tuple[nn.Module, BaseModel, dict[str, torch.Tensor]]:
-    """Metta's own FastPolicy for the arena, its FastConfig, and inputs for its chain's entries."""
+def metta_fast_policy(core: str = "shrink") -> tuple[nn.Module, BaseModel, dict[str, torch.Tensor]]:
+    """Metta's own FastPolicy for the arena (as the train tool builds it for `collapse.core`), its FastConfig,
+    and inputs for its chain's entries."""
     from metta.agent.policies.fast import FastConfig as MettaFastConfig
     from mettagrid.policy.policy_env_interface import PolicyEnvInterface
     from recipes.prod.arena_basic_easy_shaped import mettagrid
 
     env_info = PolicyEnvInterface.from_mg_cfg(mettagrid())
     architecture = MettaFastConfig()
+    if core == "shrink":
+        architecture = adapter.narrow_architecture(architecture)
     policy = architecture.make_policy(env_info)
     box = torch.rand(64, policy.cnn_encoder.cnn1.in_channels, env_info.obs_height, env_info.obs_width)
-    return policy, architecture, {"box": box, "core": torch.randn(64, policy.actor_1.module.in_features)}
+    inputs = {"box": box} if core == "shrink" else {"box": box, "core": torch.randn(64, 128)}
+    return policy, architecture, inputs
 
 
 @pytest.mark.parametrize("where", ["stand-in", pytest.param("metta", marks=needs_current)])
@@ -676,11 +729,13 @@ def test_the_recipe_has_the_same_override_paths_in_both_runtimes(monkeypatch: py
     for path, value in OVERRIDES.items():
         walk(tool, path, value)
         apply_override(embedded, path, str(value))
-    assert tool.collapse.model_dump() == {
+    assert tool.collapse.model_dump(exclude={"core"}) == {
         k: v for k, v in embedded.collapse.model_dump().items() if k in tool.collapse.model_dump()
     }
     embedded_fields = type(embedded.collapse).model_fields
     for name, field in type(tool.collapse).model_fields.items():
+        if name == "core":  # current Metta's Cortex core; the embedded policy's LSTMs always collapse
+            continue
         assert name in embedded_fields and field.default == embedded_fields[name].default, name
         if field.default_factory is not None:
             assert field.default_factory().model_dump() == embedded_fields[name].default_factory().model_dump(), name
@@ -740,20 +795,21 @@ def test_inside_metta_the_recipe_builds_metta_train_tool_with_the_section():
 
 
 @needs_current
-def test_inside_metta_a_collapsed_fast_policy_reloads_strictly_from_its_checkpoint_spec():
+@pytest.mark.parametrize("core", ["shrink", "stock"])
+def test_inside_metta_a_collapsed_fast_policy_reloads_strictly_from_its_checkpoint_spec(core: str):
     from metta.agent.policy import PolicyArchitecture
     from metta.rl.training.component import TrainerComponent
     from mettagrid.policy.policy_env_interface import PolicyEnvInterface
     from recipes.prod.arena_basic_easy_shaped import mettagrid
 
     torch.manual_seed(7)
-    policy, architecture, inputs = metta_fast_policy()
+    policy, architecture, inputs = metta_fast_policy(core)
     thresholds = {"linear": 1.5, "cnn": 1.5, "lstm": 1.0, "critic": 1.5}
-    section = SECTION(epoch_idx=1, metric="cosine", thresholds=thresholds, fit_steps=6)
+    section = SECTION(epoch_idx=1, metric="cosine", thresholds=thresholds, fit_steps=6, core=core)
     hook = adapter.CollapseHook(section, "current")
     component = adapter.component_class(TrainerComponent)(hook, architecture)
     component.register(SimpleNamespace(policy=policy, optimizer=adam_with_state(policy), epoch=0, agent_step=0))
-    hook.rollouts = filled("current", policy, inputs)
+    hook.rollouts = filled("current", policy, inputs, core=core)
     component.on_epoch_end(1)
     record = getattr(policy, adapter.MARKER)
     assert record["params_after"] < record["params_before"]
@@ -761,6 +817,11 @@ def test_inside_metta_a_collapsed_fast_policy_reloads_strictly_from_its_checkpoi
     env_info = PolicyEnvInterface.from_mg_cfg(mettagrid())
     rebuilt = PolicyArchitecture.from_spec(architecture.to_spec()).make_policy(env_info)
     rebuilt.load_state_dict(policy.state_dict(), strict=True)
+    lstm = rebuilt.get_submodule(adapter.CORTEX_LSTM)
+    assert (lstm.hidden_size < 128) == (core == "shrink")
+    assert (
+        lstm.input_size == rebuilt.cnn_encoder.encoded_obs.out_features == policy.cnn_encoder.encoded_obs.out_features
+    )
 
 
 @needs_current
