@@ -122,4 +122,4 @@ def epoch_at_fraction(fraction: float, epochs: int, interval: int = 1) -> int:
     """`collapse.epoch_fraction`'s epoch: ⌊fraction × epochs⌋ rounded down to a multiple of `interval` (a
     checkpoint of the baseline a sweep's trials branch from), at least one interval."""
     interval = max(interval, 1)
-    return max(interval, int(fraction * epochs) // interval * interval)
+    return max(interval, int(fraction * epochs + 1e-9) // interval * interval)  # 0.4999999 x 12 is 6

@@ -53,3 +53,14 @@ def test_a_trial_setting_that_cannot_run_fails_before_the_baseline_trains(tmp_pa
     with pytest.raises(ConfigError, match="set twice"):
         sweep_tool(tmp_path, "trial.collapse.rank_tol.lstm=0.1").invoke()
     assert not (tmp_path / "s.baseline").exists()
+
+
+def test_the_epoch_fraction_lands_on_a_checkpoint_inside_the_run():
+    from metta_collapse.config import epoch_at_fraction
+
+    for epochs in (4, 12, 300):
+        for interval in (1, 2, 10):
+            for fraction in (0.05, 0.2, 0.4999999999999999, 0.8, 0.95):
+                epoch = epoch_at_fraction(fraction, epochs, interval)
+                assert epoch % interval == 0 and interval <= epoch <= max(interval, round(fraction * epochs))
+    assert epoch_at_fraction(0.4999999999999999, 12) == 6  # as Protein suggests the centre 0.5
