@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 import metta_collapse as mc
+from metta_collapse.integrations import current, fast, september
+from metta_collapse.integrations import hook as hooks
 from metta_collapse.integrations import metta as adapter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -255,8 +257,8 @@ def exact() -> BaseModel:
 
 def rollouts(era: str, model: nn.Module, fit_steps: int = 6, box: torch.Tensor = BOX, passes: int = 1):
     """What the adapter records of `passes` rollout forward passes (no gradients) of boxes like `box`."""
-    prefix, layout = adapter.find_fast(model, era)
-    recording = adapter.Rollouts(layout, fit_steps, agents_per_env=24)
+    prefix, layout = fast.find_fast(model, era)
+    recording = hooks.Rollouts(layout, fit_steps, agents_per_env=24)
     recording.watch(model.get_submodule(prefix), layout)
     with torch.no_grad():
         for index in range(passes):
@@ -268,10 +270,10 @@ def rollouts(era: str, model: nn.Module, fit_steps: int = 6, box: torch.Tensor =
 
 def filled(
     era: str, model: nn.Module, inputs: dict[str, torch.Tensor], fit_steps: int = 6, core: str = "shrink"
-) -> adapter.Rollouts:
+) -> hooks.Rollouts:
     """Rollouts holding `inputs` (entry name -> rows); an LSTM's state at zero."""
-    prefix, layout = adapter.find_fast(model, era, core)
-    recording = adapter.Rollouts(layout, fit_steps)
+    prefix, layout = fast.find_fast(model, era, core)
+    recording = hooks.Rollouts(layout, fit_steps)
     rows = next(iter(inputs.values())).shape[0]
     layers = 0 if layout.lstm is None else model.get_submodule(prefix).get_submodule(layout.lstm).num_layers
     states = {} if layout.lstm is None else dict.fromkeys(("h", "c"), torch.zeros(layers, rows, 128))
@@ -298,11 +300,11 @@ def test_current_chain_is_analysed_and_collapsed_exactly(core: str):
     optimizer = adam_with_state(model)
     reference = model(BOX)
     section = SECTION(metric="exact", core=core)
-    recording = adapter.Rollouts(adapter.find_fast(model, "current", core)[1], 6, agents_per_env=24)
-    recording.watch(model, adapter.find_fast(model, "current", core)[1])
+    recording = hooks.Rollouts(fast.find_fast(model, "current", core)[1], 6, agents_per_env=24)
+    recording.watch(model, fast.find_fast(model, "current", core)[1])
     with torch.no_grad():
         model(BOX)
-    record = adapter.collapse_agent(model, optimizer, "current", section, recording)
+    record = hooks.collapse_agent(model, optimizer, "current", section, recording)
     got = widths(record)
     assert {k: got[k] for k in ("cnn_encoder.cnn1", "cnn_encoder.cnn2", "cnn_encoder.fc1")} == {
         "cnn_encoder.cnn1": 32,
@@ -312,13 +314,13 @@ def test_current_chain_is_analysed_and_collapsed_exactly(core: str):
     assert got["actor_1.module"] == 256 and got["critic_1.module"] == 512
     cell = model.core.stack.blocks[0].experts[0].cell
     if core == "shrink":  # the core's LSTM halves; its cell, stored states and the heads follow
-        assert got["cnn_encoder.encoded_obs"] == 64 and got[adapter.CORTEX_LSTM] == 64
+        assert got["cnn_encoder.encoded_obs"] == 64 and got[fast.CORTEX_LSTM] == 64
         assert cell.net.weight_ih_l0.shape == (256, 64) and cell.hidden_size == cell.cfg.hidden_size == 64
         assert model.actor_1.module.weight.shape == (256, 64) and model.core._leaf_shapes == [(1, 64), (1, 64)]
         for old, new in zip(stores, model.core._rollout_store_leaves, strict=True):
             assert torch.allclose(new, (old[..., 0::2] + old[..., 1::2]) / 2)  # each fiber's mean
     else:  # the core is the chain's input: it and what feeds it keep their width
-        assert got["cnn_encoder.encoded_obs"] == 128 and adapter.CORTEX_LSTM not in got
+        assert got["cnn_encoder.encoded_obs"] == 128 and fast.CORTEX_LSTM not in got
         assert model.actor_1.module.weight.shape == (256, 128) and cell.hidden_size == 128
     assert record["kl_max"] < 1e-6 and record["value_err"] < 1e-5
     after = model(BOX)
@@ -335,7 +337,7 @@ def test_september_chain_collapses_and_updates_the_lstm_wrapper():
             getattr(model.lstm, name).normal_(0, 0.1)
     optimizer = adam_with_state(model)
     reference = model(BOX)
-    record = adapter.collapse_agent(model, optimizer, "september", exact(), rollouts("september", model))
+    record = hooks.collapse_agent(model, optimizer, "september", exact(), rollouts("september", model))
     got = widths(record)
     assert got["policy.cnn1"] == 32 and got["policy.fc1"] == 64 and got["policy.critic_1"] == 512
     assert got["policy.actor_1"] == 512  # feeds the 3-d bilinear head
@@ -356,7 +358,7 @@ def test_component_fast_collapses_actor_1_and_keeps_its_layers_consistent():
             getattr(model.components._core_._net, name).normal_(0, 0.1)
     optimizer = adam_with_state(model)
     reference = model(BOX)
-    record = adapter.collapse_agent(model, optimizer, "september", exact(), rollouts("september", model))
+    record = hooks.collapse_agent(model, optimizer, "september", exact(), rollouts("september", model))
     got = widths(record)
     assert got["components.cnn1._net.0"] == 32 and got["components.fc1._net.0"] == 64
     assert got["components.actor_1._net.0"] == 256 and got["components.critic_1._net.0"] == 512
@@ -381,7 +383,7 @@ def test_current_checkpoint_reloads_from_the_synced_architecture_and_never_colla
     context = SimpleNamespace(policy=policy, optimizer=adam_with_state(policy), epoch=0, agent_step=0)
     # the stand-in config cannot describe a narrow core (NarrowFastConfig does: the Metta test below)
     section = SECTION(epoch_idx=1, metric="exact", fit_steps=6, core="stock")
-    component = adapter.component_class(StandInComponentBase)(adapter.CollapseHook(section, "current"), config)
+    component = current.component_class(StandInComponentBase)(hooks.CollapseHook(section, "current"), config)
     component.register(context)
     assert config == FastConfig()  # nothing to write before the collapse
     with torch.no_grad():
@@ -396,7 +398,7 @@ def test_current_checkpoint_reloads_from_the_synced_architecture_and_never_colla
     reloaded.load_state_dict(policy.state_dict(), strict=True)
     # the resumed run: the recipe's architecture again, the policy from the collapsed checkpoint
     resumed_config = FastConfig()
-    resumed = adapter.component_class(StandInComponentBase)(adapter.CollapseHook(section, "current"), resumed_config)
+    resumed = current.component_class(StandInComponentBase)(hooks.CollapseHook(section, "current"), resumed_config)
     resumed.register(SimpleNamespace(policy=reloaded, optimizer=adam_with_state(reloaded), epoch=1, agent_step=0))
     assert resumed_config == config
     shapes = [p.shape for p in reloaded.parameters()]
@@ -407,7 +409,7 @@ def test_current_checkpoint_reloads_from_the_synced_architecture_and_never_colla
 
 def test_chain_of_the_wrong_policy_is_refused_with_the_supported_one():
     with pytest.raises(mc.CollapseError, match="pytorch/fast"):
-        adapter.find_fast(CurrentFast(), "september")
+        fast.find_fast(CurrentFast(), "september")
 
 
 class StandInComponentBase:
@@ -430,7 +432,7 @@ def metta_fast_policy(core: str = "shrink") -> tuple[nn.Module, BaseModel, dict[
     env_info = PolicyEnvInterface.from_mg_cfg(mettagrid())
     architecture = MettaFastConfig()
     if core == "shrink":
-        architecture = adapter.narrow_architecture(architecture)
+        architecture = current.narrow_architecture(architecture)
     policy = architecture.make_policy(env_info)
     box = torch.rand(64, policy.cnn_encoder.cnn1.in_channels, env_info.obs_height, env_info.obs_width)
     inputs = {"box": box} if core == "shrink" else {"box": box, "core": torch.randn(64, 128)}
@@ -459,8 +461,8 @@ def test_failure_in_the_component_leaves_policy_and_optimizer_untouched(
         base, section = StandInComponentBase, SECTION(epoch_idx=3, metric="exact", fit_steps=6)
     context = SimpleNamespace(policy=policy, optimizer=optimizer, epoch=0, agent_step=0)
     wandb_run = SimpleNamespace(logged=[], log=lambda values: wandb_run.logged.append(values), summary={})
-    hook = adapter.CollapseHook(section, "current", wandb_run)
-    component = adapter.component_class(base)(hook, architecture)
+    hook = hooks.CollapseHook(section, "current", wandb_run)
+    component = current.component_class(base)(hook, architecture)
     component.register(context)
     component.on_epoch_end(2)  # too early to collapse; from here on the rollouts are recorded
     if inputs:
@@ -475,8 +477,8 @@ def test_failure_in_the_component_leaves_policy_and_optimizer_untouched(
         raise RuntimeError("injected")
 
     monkeypatch.setattr("metta_collapse.live.remap_optimizer", broken)
-    monkeypatch.setattr(adapter.log, "handlers", [caplog.handler])  # Metta's logging setup bypasses the root's
-    with pytest.raises(adapter.CollapseFailed, match="unchanged.*injected"):
+    monkeypatch.setattr(hooks.log, "handlers", [caplog.handler])  # Metta's logging setup bypasses the root's
+    with pytest.raises(hooks.CollapseFailed, match="unchanged.*injected"):
         component.on_epoch_end(3)
     after = snapshot(policy, optimizer)
     assert before[2:] == after[2:] and before[1].keys() == after[1].keys()
@@ -486,7 +488,7 @@ def test_failure_in_the_component_leaves_policy_and_optimizer_untouched(
     assert architecture.model_dump() == spec
     assert "COLLAPSE FAILED" in caplog.text and wandb_run.logged == [{"collapse/failed": 1.0}]
     component.on_epoch_end(4)  # reported once, never retried on a half-known state
-    assert getattr(policy, adapter.MARKER, None) is None
+    assert getattr(policy, hooks.MARKER, None) is None
 
 
 def test_component_collapses_once_at_epoch_idx_and_logs_the_record():
@@ -496,18 +498,18 @@ def test_component_collapses_once_at_epoch_idx_and_logs_the_record():
     context = SimpleNamespace(policy=policy, optimizer=optimizer, epoch=0, agent_step=1000)
     logged: list = []
     wandb_run = SimpleNamespace(log=logged.append, summary={})
-    component = adapter.component_class(StandInComponentBase)(
-        adapter.CollapseHook(SECTION(epoch_idx=2, metric="exact", fit_steps=6), "current", wandb_run)
+    component = current.component_class(StandInComponentBase)(
+        hooks.CollapseHook(SECTION(epoch_idx=2, metric="exact", fit_steps=6), "current", wandb_run)
     )
     component.register(context)
     component.on_epoch_end(2)  # no rollout yet: waits
     policy(BOX)  # a training pass: not data for the collapse
     component.on_epoch_end(2)
-    assert getattr(policy, adapter.MARKER, None) is None
+    assert getattr(policy, hooks.MARKER, None) is None
     with torch.no_grad():
         policy(BOX)
     component.on_epoch_end(2)
-    record = getattr(policy, adapter.MARKER)
+    record = getattr(policy, hooks.MARKER)
     assert record["epoch"] == 2 and logged[0]["collapse/params_after"] == record["params_after"]
     assert logged[0]["collapse/width_after/actor_1.module"] == 256
     component.on_epoch_end(3)
@@ -518,8 +520,8 @@ def test_component_refuses_an_unknown_policy_at_registration_only_when_collapsin
     other = nn.Sequential(nn.Linear(4, 4))
     context = SimpleNamespace(policy=other, optimizer=None, epoch=0, agent_step=0)
     for enabled in (False, True):
-        hook = adapter.CollapseHook(SECTION(enabled=enabled), "current")
-        component = adapter.component_class(StandInComponentBase)(hook, FastConfig())
+        hook = hooks.CollapseHook(SECTION(enabled=enabled), "current")
+        component = current.component_class(StandInComponentBase)(hook, FastConfig())
         if enabled:
             with pytest.raises(mc.CollapseError, match="holds no fast"):
                 component.register(context)
@@ -574,7 +576,7 @@ def test_september_loss_collapses_at_epoch_idx_and_never_twice_after_a_resume():
     agent = plant(SeptemberFast(), skip=())
     optimizer = adam_with_state(agent)
     config = SimpleNamespace(section=SECTION(epoch_idx=4, metric="exact", fit_steps=6))
-    loss = adapter.loss_class(StandInLossBase)(agent, None, None, "cpu", None, "collapse", config)
+    loss = september.loss_class(StandInLossBase)(agent, None, None, "cpu", None, "collapse", config)
     state = SimpleNamespace(epoch=3, agent_step=10, optimizer=optimizer)
     loss.on_new_training_run(state)
     loss.on_rollout_start(state)
@@ -585,10 +587,10 @@ def test_september_loss_collapses_at_epoch_idx_and_never_twice_after_a_resume():
     assert not agent.policy.cnn1._forward_pre_hooks  # a checkpoint never pickles the hooks
     state.epoch = 5  # update_epochs=2: epoch 4 never comes, `>=` catches 5
     loss.on_new_training_run(state)
-    assert getattr(agent, adapter.MARKER)["epoch"] == 5 and loss.loss_tracker["collapse_params_after"]
+    assert getattr(agent, hooks.MARKER)["epoch"] == 5 and loss.loss_tracker["collapse_params_after"]
     assert agent.num_layers == 1 and agent.hidden_size == agent.lstm.hidden_size
     resumed = pickle.loads(pickle.dumps(agent))
-    again = adapter.loss_class(StandInLossBase)(resumed, None, None, "cpu", None, "collapse", config)
+    again = september.loss_class(StandInLossBase)(resumed, None, None, "cpu", None, "collapse", config)
     shapes = [p.shape for p in resumed.parameters()]
     again.on_new_training_run(SimpleNamespace(epoch=8, agent_step=20, optimizer=torch.optim.Adam(resumed.parameters())))
     assert [p.shape for p in resumed.parameters()] == shapes
@@ -611,7 +613,7 @@ def september_agent(name: str) -> tuple[nn.Module, torch.Tensor]:
     agent = MettaAgent(env, SystemConfig(device="cpu", vectorization="serial"), AgentConfig(name=name))
     features = env.get_observation_features()
     agent.initialize_to_environment(features, env.action_names, env.max_action_args, torch.device("cpu"))
-    prefix, layout = adapter.find_fast(agent, "september")
+    prefix, layout = fast.find_fast(agent, "september")
     channels = agent.get_submodule(prefix).get_submodule(layout.entries["box"]).in_channels
     return agent, torch.rand(64, channels, env.obs_height, env.obs_width)
 
@@ -635,7 +637,7 @@ def test_failure_in_the_september_loss_leaves_agent_and_optimizer_untouched(
         (agent, box), base = september_agent(where), BaseLoss
     optimizer = adam_with_state(agent)
     config = SimpleNamespace(section=SECTION(epoch_idx=1, metric="cosine", fit_steps=6))
-    loss = adapter.loss_class(base)(agent, None, None, "cpu", None, "collapse", config)
+    loss = september.loss_class(base)(agent, None, None, "cpu", None, "collapse", config)
     loss.hook.rollouts = filled("september", agent, {"box": box})  # what the loss's hooks record
     before = snapshot(agent, optimizer)
     memory = [vars(m).get("lstm_h") for m in agent.modules() if "lstm_h" in vars(m)]
@@ -644,7 +646,7 @@ def test_failure_in_the_september_loss_leaves_agent_and_optimizer_untouched(
         raise RuntimeError("injected")
 
     monkeypatch.setattr("metta_collapse.live.remap_optimizer", broken)
-    monkeypatch.setattr(adapter.log, "handlers", [caplog.handler])
+    monkeypatch.setattr(hooks.log, "handlers", [caplog.handler])
     loss.on_new_training_run(SimpleNamespace(epoch=1, agent_step=0, optimizer=optimizer))  # training goes on
     after = snapshot(agent, optimizer)
     assert before[2:] == after[2:] and before[0].keys() == after[0].keys()
@@ -653,7 +655,7 @@ def test_failure_in_the_september_loss_leaves_agent_and_optimizer_untouched(
         assert all(torch.equal(v, after[1][pid][k]) for k, v in state.items())
     assert [vars(m).get("lstm_h") for m in agent.modules() if "lstm_h" in vars(m)] == memory
     assert "COLLAPSE FAILED" in caplog.text and loss.loss_tracker["collapse_failed"] == [1.0]
-    assert getattr(agent, adapter.MARKER, None) is None
+    assert getattr(agent, hooks.MARKER, None) is None
 
 
 @needs_september
@@ -664,16 +666,16 @@ def test_inside_september_metta_the_collapsed_agent_is_pickled_with_its_record(n
     torch.manual_seed(9)
     agent, box = september_agent(name)
     config = SimpleNamespace(section=SECTION(epoch_idx=1, metric="cosine", fit_steps=6))
-    loss = adapter.loss_class(BaseLoss)(agent, None, None, "cpu", None, "collapse", config)
+    loss = september.loss_class(BaseLoss)(agent, None, None, "cpu", None, "collapse", config)
     loss.hook.rollouts = filled("september", agent, {"box": box})
     loss.on_new_training_run(SimpleNamespace(epoch=1, agent_step=0, optimizer=adam_with_state(agent)))
-    record = getattr(agent, adapter.MARKER)
+    record = getattr(agent, hooks.MARKER)
     assert record["params_after"] == sum(p.numel() for p in agent.parameters()) < record["params_before"]
     torch.save(agent, tmp_path / "agent.pt")  # September checkpoints pickle the whole agent
     loaded = torch.load(tmp_path / "agent.pt", weights_only=False)
-    assert getattr(loaded, adapter.MARKER) == record
+    assert getattr(loaded, hooks.MARKER) == record
     assert [p.shape for p in loaded.parameters()] == [p.shape for p in agent.parameters()]
-    prefix, layout = adapter.find_fast(loaded, "september")
+    prefix, layout = fast.find_fast(loaded, "september")
     root = loaded.get_submodule(prefix)
     lstm, wrapper = root.get_submodule(layout.lstm), root.get_submodule(layout.lstm.rpartition(".")[0])
     assert (wrapper.hidden_size, wrapper.num_layers) == (lstm.hidden_size, lstm.num_layers)
@@ -739,7 +741,7 @@ def test_the_recipe_has_the_same_override_paths_in_both_runtimes(monkeypatch: py
         assert name in embedded_fields and field.default == embedded_fields[name].default, name
         if field.default_factory is not None:
             assert field.default_factory().model_dump() == embedded_fields[name].default_factory().model_dump(), name
-    assert adapter.engine_config(tool.collapse) == embedded.collapse.engine_config()
+    assert hooks.engine_config(tool.collapse) == embedded.collapse.engine_config()
 
 
 def create_tool(section: type) -> BaseModel:
@@ -806,18 +808,18 @@ def test_inside_metta_a_collapsed_fast_policy_reloads_strictly_from_its_checkpoi
     policy, architecture, inputs = metta_fast_policy(core)
     thresholds = {"linear": 1.5, "cnn": 1.5, "lstm": 1.0, "critic": 1.5}
     section = SECTION(epoch_idx=1, metric="cosine", thresholds=thresholds, fit_steps=6, core=core)
-    hook = adapter.CollapseHook(section, "current")
-    component = adapter.component_class(TrainerComponent)(hook, architecture)
+    hook = hooks.CollapseHook(section, "current")
+    component = current.component_class(TrainerComponent)(hook, architecture)
     component.register(SimpleNamespace(policy=policy, optimizer=adam_with_state(policy), epoch=0, agent_step=0))
     hook.rollouts = filled("current", policy, inputs, core=core)
     component.on_epoch_end(1)
-    record = getattr(policy, adapter.MARKER)
+    record = getattr(policy, hooks.MARKER)
     assert record["params_after"] < record["params_before"]
     assert architecture.actor_hidden_dim == policy.actor_1.module.out_features < 512
     env_info = PolicyEnvInterface.from_mg_cfg(mettagrid())
     rebuilt = PolicyArchitecture.from_spec(architecture.to_spec()).make_policy(env_info)
     rebuilt.load_state_dict(policy.state_dict(), strict=True)
-    lstm = rebuilt.get_submodule(adapter.CORTEX_LSTM)
+    lstm = rebuilt.get_submodule(fast.CORTEX_LSTM)
     assert (lstm.hidden_size < 128) == (core == "shrink")
     assert (
         lstm.input_size == rebuilt.cnn_encoder.encoded_obs.out_features == policy.cnn_encoder.encoded_obs.out_features
@@ -854,7 +856,7 @@ def test_a_september_stand_in_keeps_its_lstms_at_a_quarter_of_the_parameters():
         for name, tensor in model.components._core_._net.named_parameters():
             if name.startswith("bias"):
                 tensor.fill_(1.0)
-    prefix, layout = adapter.find_fast(model, "september")
+    prefix, layout = fast.find_fast(model, "september")
     chain = layout.chain(model.get_submodule(prefix))
     g = torch.Generator().manual_seed(1)
     coords = torch.randint(0, 11, (2048, 40, 2), generator=g)
@@ -896,7 +898,7 @@ def test_on_the_adapters_rollouts_the_refit_changes_the_policy_less_than_the_pla
     kl = {}
     for name, section in sections.items():
         trial = copy.deepcopy(model)
-        record = adapter.collapse_agent(trial, torch.optim.Adam(trial.parameters()), era, section, recording)
+        record = hooks.collapse_agent(trial, torch.optim.Adam(trial.parameters()), era, section, recording)
         assert record["params_after"] < record["params_before"] and "environment copy" in record["measured_on"]
         assert record["refit"] == (name != "plain") and record["metric"] == section.metric
         kl[name] = record["kl_mean"]
