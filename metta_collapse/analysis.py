@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from metta_collapse.activations import recurrent_layers
 from metta_collapse.cluster import canonical, count, exact_partition, linkage_partition
 from metta_collapse.config import CollapseConfig, ModelSpec
 from metta_collapse.errors import CollapseError
@@ -591,11 +592,7 @@ class _ColorPass(fx.Interpreter):
         for layer in range(module.num_layers):
             layer_key = key if module.num_layers == 1 else f"{key}.h{layer}"
             labels = inputs.labels() if inputs is not None else None
-            weights = {
-                name: getattr(module, f"{name}_l{layer}")
-                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-                if hasattr(module, f"{name}_l{layer}")
-            }
+            weights = recurrent_layers(module)[layer]
             w_ih = _aggregate_columns(weights["weight_ih"], labels)
             start = canonical(
                 np.zeros(hidden, dtype=np.int64),
