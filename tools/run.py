@@ -4,8 +4,8 @@
 import sys
 from pathlib import Path
 
-# the repository root holds `experiments/` and `metta_collapse/`, used even when an older copy is installed
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# this checkout's `experiments/` and `metta_collapse/`, used even when an older copy is installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from metta_collapse.training.runner import main  # noqa: E402
 

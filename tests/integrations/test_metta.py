@@ -722,7 +722,7 @@ OVERRIDES = {
 @pytest.mark.skipif(ERA is not None, reason="inside Metta the embedded runtime (PyPI mettagrid 0.26) is not importable")
 def test_the_recipe_has_the_same_override_paths_in_both_runtimes(monkeypatch: pytest.MonkeyPatch):
     pytest.importorskip("mettagrid")
-    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.syspath_prepend(str(REPO / "src"))
     from metta_collapse.training.config import apply_override
 
     section = adapter.section_class(StandInConfig)
@@ -774,7 +774,7 @@ def test_without_metta_the_recipe_is_the_embedded_one(monkeypatch: pytest.Monkey
     pytest.importorskip("mettagrid")
     if ERA is not None:
         pytest.skip("Metta is importable: the recipe is Metta's")
-    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.syspath_prepend(str(REPO / "src"))
     sys.modules.pop("experiments.recipes.collapse_arena", None)
     recipe = importlib.import_module("experiments.recipes.collapse_arena")
     from metta_collapse.training.collapse import CollapseTrainTool
@@ -783,8 +783,8 @@ def test_without_metta_the_recipe_is_the_embedded_one(monkeypatch: pytest.Monkey
 
 
 @needs_metta
-def test_inside_metta_the_recipe_builds_metta_train_tool_with_the_section():
-    sys.path.insert(0, str(REPO))
+def test_inside_metta_the_recipe_builds_metta_train_tool_with_the_section(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(REPO / "src"))
     recipe = importlib.import_module("experiments.recipes.collapse_arena")
     tool = recipe.train()
     for path, value in OVERRIDES.items():

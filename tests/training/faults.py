@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
 
 from metta_collapse.training import checkpoint, collapse, metrics, trainer  # noqa: E402
 from metta_collapse.training.runner import main  # noqa: E402

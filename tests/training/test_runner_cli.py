@@ -27,7 +27,7 @@ BASELINE = [
 
 @pytest.fixture(autouse=True)
 def repo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.syspath_prepend(str(REPO / "src"))
 
 
 def test_both_syntaxes_build_the_same_tool():

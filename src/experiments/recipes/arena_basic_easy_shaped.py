@@ -9,7 +9,8 @@ twice the learning rate, and the gradient-norm and value clips opened (Metta's 0
 function at this scale: its explained variance stays near 0). benchmarks/learning.py measures it.
 
 Installed into current Metta, this path is the baseline of collapse_arena there: Metta's own recipe with the
-`fast` policy, trained exactly as collapse_arena trains it, never collapsed.
+`fast` policy, trained exactly as collapse_arena trains it, never collapsed. September 2025 Metta has its own module
+at this path, which is found first (see `experiments.recipes`).
 """
 
 from metta_collapse.integrations.metta import detect_era
