@@ -30,7 +30,8 @@ def write(root: Path, files: dict[str, str]) -> None:
 
 
 def origins(root: Path, setup: str, modules: list[str]) -> dict[str, str]:
-    """Where each module is found, in a fresh interpreter with this checkout first on the path."""
+    """Where each module is found, in a fresh interpreter that sees this checkout and `root` only (no site-packages,
+    so not the Metta installed here, if any: `experiments` needs the standard library alone)."""
     code = "\n".join(
         [
             f"import importlib.util, json, sys; sys.path.insert(0, {str(SRC)!r}); ROOT = {str(root)!r}",
@@ -38,7 +39,7 @@ def origins(root: Path, setup: str, modules: list[str]) -> dict[str, str]:
             f"print(json.dumps({{m: importlib.util.find_spec(m).origin for m in {modules!r}}}))",
         ]
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
 
