@@ -373,7 +373,7 @@ class CollapseTrainTool(TrainTool):
             state.metrics.update(collapse_metrics(done))  # a branch's record reaches the tracker here
         if c.symmetry_interval and state.epoch % c.symmetry_interval == 0:
             self.log_symmetry(state)
-        if not c.enabled or done is not None or state.epoch < c.epoch_idx:
+        if not c.enabled or done is not None or "collapse_failed" in state.extra or state.epoch < c.epoch_idx:
             return
         trainer = state.trainer
         pre_collapse = save_checkpoint(
@@ -396,9 +396,19 @@ class CollapseTrainTool(TrainTool):
         ]
         try:
             record = self.collapse_policy(policy, state.optimizer, data, buffers)
-        except Exception as error:
+        except Exception as error:  # the policy, optimizer and buffers are as they were: train on uncollapsed
             pre_collapse.unlink()
-            raise RuntimeError(f"collapse at epoch {state.epoch} failed, nothing was changed: {error}") from error
+            failure = {
+                "epoch": state.epoch,
+                "agent_step": state.agent_step,
+                "error": f"{type(error).__name__}: {error}",
+            }
+            state.extra["collapse_failed"] = failure  # checkpointed: a resumed run does not try again
+            state.checkpoint = True
+            state.metrics["collapse/failed"] = 1.0
+            write_json(self.run_dir / "collapse_failed.json", failure)
+            print(f"COLLAPSE FAILED at epoch {state.epoch}, nothing was changed; training goes on uncollapsed: {error}")
+            return
         record |= {"epoch": state.epoch, "agent_step": state.agent_step}
         state.extra["collapse"] = record
         state.checkpoint = True  # a kill before the next checkpoint would otherwise redo the collapse on new data
