@@ -16,6 +16,7 @@ from pydantic import Field
 
 import metta_collapse as mc
 from metta_collapse.live import Data, PackedState, collapse_live
+from metta_collapse.training import distributed
 from metta_collapse.training.checkpoint import (
     checkpoint_epochs,
     load_checkpoint,
@@ -186,6 +187,11 @@ class CollapseTrainTool(TrainTool):
             )
         if c.mode == "scratch" and c.init_from is None:
             raise ConfigError("collapse.mode=scratch trains the small network from step 0: it needs collapse.init_from")
+        if c.init_from is not None and distributed.world_size() > 1:
+            raise ConfigError(
+                f"collapse.init_from={c.init_from} branches in one process: make the branch without torchrun "
+                "(it trains on from its first checkpoint), then resume it with torchrun"
+            )
         source = None
         if c.init_from is not None:
             source = self._source_checkpoint()
@@ -200,6 +206,7 @@ class CollapseTrainTool(TrainTool):
                 )
         if not c.enabled or self.run is None:  # nothing to branch from or to check a resume against
             return super().invoke()
+        self.start_processes()
         with run_lock(self.run_dir):  # a branch's first checkpoint is part of its job
             _, checkpoint = resume_checkpoint(self.checkpoint_dir, self.run)
             if source is not None and checkpoint is None:
@@ -237,7 +244,9 @@ class CollapseTrainTool(TrainTool):
         policy = policy_from_checkpoint(checkpoint)
         optimizer = self.make_optimizer(policy)
         optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        record = self.collapse_policy(policy, optimizer, self.collapse_data(policy, None, None), [])
+        record = self.collapse_policy(
+            policy, optimizer, policy_data(policy, *self.collapse_parts(policy, None, None)), []
+        )
         scratch = c.mode == "scratch"
         epoch, step, wall = (
             (0, 0, 0.0) if scratch else (checkpoint["epoch"], checkpoint["agent_step"], checkpoint["wall_time"])
@@ -283,12 +292,12 @@ class CollapseTrainTool(TrainTool):
         )
         return record | {"settings": c.settings()}
 
-    def collapse_data(
+    def collapse_parts(
         self, policy: FastPolicy, observations: torch.Tensor | None, copies: torch.Tensor | None, epoch: int = 0
-    ) -> Data:
-        """The fit, select and report parts. With 3 or more environment copies in the epoch's experience the
-        parts are whole copies of it (report: the last, select: the one before, fit: the others); otherwise,
-        and where the fit part is short of `collapse.fit_steps`, fresh rollouts of the policy fill in."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        """The fit, select and report parts, and what they are. With 3 or more environment copies in the epoch's
+        experience the parts are whole copies of it (report: the last, select: the one before, fit: the others);
+        otherwise, and where the fit part is short of `collapse.fit_steps`, fresh rollouts of the policy fill in."""
         c, horizon = self.collapse, self.trainer.bptt_horizon
         device = policy.feature_scale.device
         seed = 1_000_000 + 1_000 * self.seed + epoch  # maps no training environment uses
@@ -309,7 +318,7 @@ class CollapseTrainTool(TrainTool):
         select, report = parts["select"].to(device), parts["report"].to(device)
         steps = report.shape[0] * report.shape[1]
         description = f"report part: {steps:,} agent steps ({where}; segments of {horizon} from zero state)"
-        return policy_data(policy, fit_observations, select, report, description)
+        return fit_observations, select, report, description
 
     def rollout_segments(self, policy: FastPolicy, copies: int, seed: int) -> torch.Tensor:
         """Fresh rollouts of `copies` environment copies, a quarter of `collapse.fit_steps` each (the fit part
@@ -326,7 +335,7 @@ class CollapseTrainTool(TrainTool):
         record = (checkpoint or {}).get("extra", {}).get("collapse")
         written = self.run_dir / "collapse.json"
         if record is None:
-            if written.exists():
+            if written.exists() and distributed.is_main():
                 warnings.warn(
                     f"{written} records a collapse that no checkpoint holds (the run was killed before saving it): "
                     "removed; the collapse runs again",
@@ -341,7 +350,7 @@ class CollapseTrainTool(TrainTool):
                 f"run {self.run!r} was collapsed with other collapse settings ({', '.join(differs)}): resume it "
                 "with those, or give this run its own name with run=..."
             )
-        if not written.exists() or written.read_text() != json.dumps(record, indent=2):
+        if distributed.is_main() and (not written.exists() or written.read_text() != json.dumps(record, indent=2)):
             write_json(written, record)
 
     def make_optimizer(self, policy: FastPolicy) -> torch.optim.Optimizer:
@@ -350,10 +359,14 @@ class CollapseTrainTool(TrainTool):
         return torch.optim.Adam(policy.parameters(), lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps)
 
     def epoch_data(self, state: "TrainerState") -> Data:
-        # PuffeRL fills rows agent by agent, all agents in step: row r holds agent r % agents
-        per_copy = self.training_env.make_config().game.num_agents
-        copies = torch.arange(len(state.observations)) % state.trainer.total_agents // per_copy
-        return self.collapse_data(state.policy, state.observations, copies, state.epoch)
+        """The collapse's data from this epoch's experience; under torchrun, rank 0's on every rank."""
+        parts = None
+        if distributed.is_main():
+            # PuffeRL fills rows agent by agent, all agents in step: row r holds agent r % agents
+            per_copy = self.training_env.make_config().game.num_agents
+            copies = torch.arange(len(state.observations)) % state.trainer.total_agents // per_copy
+            parts = self.collapse_parts(state.policy, state.observations, copies, state.epoch)
+        return policy_data(state.policy, *distributed.from_main(parts))
 
     def log_symmetry(self, state: "TrainerState") -> None:
         """What a collapse with these settings would do now, on a copy of the policy: `symmetry/kept` (the
@@ -375,18 +388,19 @@ class CollapseTrainTool(TrainTool):
             self.log_symmetry(state)
         if not c.enabled or done is not None or "collapse_failed" in state.extra or state.epoch < c.epoch_idx:
             return
-        trainer = state.trainer
-        pre_collapse = save_checkpoint(
-            self.checkpoint_dir,
-            self.run,
-            state.policy,
-            state.optimizer,
-            state.epoch,
-            state.agent_step,
-            state.metrics["metric/total_time"],
-            suffix=PRE_COLLAPSE_SUFFIX,
-            arena=self.training_env.arena,
-        )
+        trainer, main = state.trainer, distributed.is_main()
+        if main:
+            pre_collapse = save_checkpoint(
+                self.checkpoint_dir,
+                self.run,
+                state.policy,
+                state.optimizer,
+                state.epoch,
+                state.agent_step,
+                state.metrics["metric/total_time"],
+                suffix=PRE_COLLAPSE_SUFFIX,
+                arena=self.training_env.arena,
+            )
         policy = state.policy
         data = self.epoch_data(state)
         buffers = [
@@ -394,24 +408,43 @@ class CollapseTrainTool(TrainTool):
             for name, holder in (("lstm_h", trainer.lstm_h), ("lstm_c", trainer.lstm_c))
             for key in holder
         ]
+        # every replica collapses on the same data; one that fails puts itself back, the others need a copy
+        saved = copy.deepcopy((policy, state.optimizer)) if state.world > 1 else None
+        saved_buffers = [(buffer.holder, buffer.key, buffer.holder[buffer.key]) for buffer in buffers]
+        error = None
         try:
             record = self.collapse_policy(policy, state.optimizer, data, buffers)
-        except Exception as error:  # the policy, optimizer and buffers are as they were: train on uncollapsed
-            pre_collapse.unlink()
-            failure = {
-                "epoch": state.epoch,
-                "agent_step": state.agent_step,
-                "error": f"{type(error).__name__}: {error}",
-            }
-            state.extra["collapse_failed"] = failure  # checkpointed: a resumed run does not try again
-            state.checkpoint = True
-            state.metrics["collapse/failed"] = 1.0
-            write_json(self.run_dir / "collapse_failed.json", failure)
-            print(f"COLLAPSE FAILED at epoch {state.epoch}, nothing was changed; training goes on uncollapsed: {error}")
+        except Exception as failure:  # the policy, optimizer and buffers are as they were
+            error = f"{type(failure).__name__}: {failure}"
+        outcomes = distributed.gather((error, None if error else distributed.fingerprint(policy, state.optimizer)))
+        errors = [f"rank {rank}: {e}" if state.world > 1 else e for rank, (e, _) in enumerate(outcomes) if e]
+        if not errors and len({digest for _, digest in outcomes}) > 1:
+            errors = ["the replicas differ after the collapse"]
+        if errors:
+            if error is None and saved is not None:  # this replica collapsed: put back the copy
+                before, optimizer = saved
+                state.optimizer.param_groups, state.optimizer.state = optimizer.param_groups, optimizer.state
+                for holder, key, tensor in saved_buffers:
+                    holder[key] = tensor
+                state.train_policy(before)
+            self.record_failure(state, "; ".join(errors), pre_collapse if main else None)
             return
+        state.train_policy(policy)
         record |= {"epoch": state.epoch, "agent_step": state.agent_step}
         state.extra["collapse"] = record
         state.checkpoint = True  # a kill before the next checkpoint would otherwise redo the collapse on new data
         state.metrics.update(collapse_metrics(record))
-        write_json(self.run_dir / "collapse.json", record)
-        print_record(record)
+        if main:
+            write_json(self.run_dir / "collapse.json", record)
+            print_record(record)
+
+    def record_failure(self, state: "TrainerState", error: str, pre_collapse: Path | None) -> None:
+        """A failed collapse, undone on every replica: recorded, checkpointed (no retry); training goes on."""
+        failure = {"epoch": state.epoch, "agent_step": state.agent_step, "error": error}
+        state.extra["collapse_failed"] = failure
+        state.checkpoint = True
+        state.metrics["collapse/failed"] = 1.0
+        if pre_collapse is not None:
+            pre_collapse.unlink()
+            write_json(self.run_dir / "collapse_failed.json", failure)
+            print(f"COLLAPSE FAILED at epoch {state.epoch}, nothing was changed; training goes on uncollapsed: {error}")

@@ -158,8 +158,8 @@ class TrainTool(Tool):
     def checkpoint_dir(self) -> Path:
         return Path(self.trainer.checkpoint.checkpoint_dir or self.run_dir / "checkpoints")
 
-    def check(self, num_agents: int) -> None:
-        """Cross-field checks for training `num_agents` agents in total; raises ConfigError."""
+    def check(self, num_agents: int, world: int = 1) -> None:
+        """Cross-field checks for training `num_agents` agents in each of `world` processes; raises ConfigError."""
         import torch  # here: configuration alone does not need torch
 
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -171,17 +171,19 @@ class TrainTool(Tool):
             raise ConfigError(
                 f"trainer.batch_size={t.batch_size} must be a multiple of trainer.minibatch_size={t.minibatch_size}"
             )
-        if t.minibatch_size % t.bptt_horizon:
+        # each of the `world` processes trains 1/world of the batch and of every minibatch
+        across = f" x {world} processes (WORLD_SIZE)" if world > 1 else ""
+        if t.minibatch_size % (t.bptt_horizon * world):
             raise ConfigError(
-                f"trainer.minibatch_size={t.minibatch_size} must be a multiple of trainer.bptt_horizon={t.bptt_horizon}"
+                f"trainer.minibatch_size={t.minibatch_size} must be a multiple of "
+                f"trainer.bptt_horizon={t.bptt_horizon}{across}"
             )
         # PuffeRL fills the batch with whole bptt segments of every agent
-        unit = t.bptt_horizon * num_agents
+        unit = t.bptt_horizon * num_agents * world
         if t.batch_size % unit:
             raise ConfigError(
-                f"trainer.batch_size={t.batch_size} does not fit {num_agents} agents: "
-                "it must be a multiple of "
-                f"trainer.bptt_horizon x agents = {t.bptt_horizon} x {num_agents} = {unit}"
+                f"trainer.batch_size={t.batch_size} does not fit {num_agents} agents: it must be a multiple of "
+                f"trainer.bptt_horizon x agents = {t.bptt_horizon} x {num_agents}{across} = {unit}"
             )
         ckpt = t.checkpoint
         if ckpt.wandb_checkpoint_interval and ckpt.wandb_checkpoint_interval < ckpt.checkpoint_interval:
@@ -195,11 +197,21 @@ class TrainTool(Tool):
         # imported here: the trainer pulls in torch and PuffeRL, which configuration alone does not need
         from metta_collapse.training.trainer import train
 
-        if self.run is None:
-            self.run = f"local.{datetime.now():%Y%m%d-%H%M%S}"
+        self.start_processes()
         with run_lock(self.run_dir):
             train(self, on_epoch_end=self.on_epoch_end)
         return 0
+
+    def start_processes(self) -> None:
+        """Check the batch against this job's processes (torchrun's WORLD_SIZE) before any of them trains, join
+        them, and give them one run name."""
+        from metta_collapse.training import distributed
+
+        env_cfg = self.training_env.make_config()
+        agents = env_cfg.game.num_agents * self.training_env.copies(env_cfg.game.num_agents)
+        self.check(agents, distributed.world_size())
+        distributed.start(self.device)
+        self.run = distributed.from_main(self.run or f"local.{datetime.now():%Y%m%d-%H%M%S}")
 
     def on_epoch_end(self, state: "TrainerState") -> None:
         """Called after every epoch with the trainer state; subclasses hook in here (e.g. a collapse)."""
@@ -208,7 +220,11 @@ class TrainTool(Tool):
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One training job per run: `run.lock` holds the pid of the process training it. Another live holder is
-    refused; a holder that is gone (a killed run) is taken over with a warning. Re-entrant within a process."""
+    refused; a holder that is gone (a killed run) is taken over with a warning. Re-entrant within a process.
+    Under torchrun rank 0 holds it for the whole job."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.lock"

@@ -16,6 +16,7 @@ import numpy as np
 import pufferlib.pufferl
 import torch
 
+from metta_collapse.training import distributed
 from metta_collapse.training.arena import make_vecenv
 from metta_collapse.training.checkpoint import (
     policy_from_checkpoint,
@@ -47,6 +48,11 @@ class Trainer(pufferlib.pufferl.PuffeRL):
     def save_checkpoint(self) -> None:
         pass
 
+    def mean_and_log(self) -> dict:
+        # under torch.distributed PuffeRL returns its logs on ranks other than 0 only; its means stay in `stats`
+        super().mean_and_log()
+        return {f"environment/{name}": value for name, value in self.stats.items()}
+
 
 @dataclass
 class TrainerState:
@@ -62,10 +68,17 @@ class TrainerState:
     stop: bool = False
     # a callback sets this to checkpoint the current epoch whatever the interval (e.g. right after a collapse)
     checkpoint: bool = False
+    # training processes (torchrun); each trains 1/world of every batch
+    world: int = 1
 
     @property
     def policy(self) -> FastPolicy:
-        return self.trainer.uncompiled_policy
+        return distributed.unwrap(self.trainer.uncompiled_policy)
+
+    def train_policy(self, policy: FastPolicy) -> None:
+        """Train `policy` from now on: the one given, or this one after its parameters were replaced (under
+        torchrun its replica wrapper is rebuilt around the new parameters)."""
+        self.trainer.policy = self.trainer.uncompiled_policy = distributed.replica(policy)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -85,7 +98,8 @@ class TrainerState:
 
     @property
     def agent_step(self) -> int:
-        return self.trainer.global_step
+        """Agent steps of all processes together (PuffeRL counts its own)."""
+        return self.trainer.global_step * self.world
 
     @property
     def observations(self) -> torch.Tensor:
@@ -93,7 +107,8 @@ class TrainerState:
         return self.trainer.observations
 
 
-def puffer_config(tool: TrainTool, seed: int) -> dict:
+def puffer_config(tool: TrainTool, seed: int, world: int = 1) -> dict:
+    """PuffeRL's settings for one of `world` processes, which trains 1/world of every batch and minibatch."""
     t = tool.trainer
     ppo = t.losses.loss_configs.ppo
     opt = t.optimizer
@@ -109,11 +124,11 @@ def puffer_config(tool: TrainTool, seed: int) -> dict:
         "compile_fullgraph": False,
         "precision": "float32",
         # PuffeRL sizes its schedules by whole epochs; a run always trains at least one
-        "total_timesteps": max(t.total_timesteps, t.batch_size),
-        "batch_size": t.batch_size,
+        "total_timesteps": max(t.total_timesteps, t.batch_size) // world,
+        "batch_size": t.batch_size // world,
         "bptt_horizon": t.bptt_horizon,
-        "minibatch_size": t.minibatch_size,
-        "max_minibatch_size": t.minibatch_size,
+        "minibatch_size": t.minibatch_size // world,
+        "max_minibatch_size": t.minibatch_size // world,
         "update_epochs": t.update_epochs,
         "optimizer": opt.type,
         "learning_rate": opt.learning_rate,
@@ -139,10 +154,11 @@ def puffer_config(tool: TrainTool, seed: int) -> dict:
     }
 
 
-def epoch_metrics(trainer: Trainer, logs: dict, epoch_seconds: float, epoch_steps: int, wall_time: float) -> dict:
+def epoch_metrics(state: TrainerState, logs: dict, epoch_seconds: float, epoch_steps: int, wall_time: float) -> dict:
+    trainer = state.trainer
     metrics = {
         "metric/epoch": trainer.epoch,
-        "metric/agent_step": trainer.global_step,
+        "metric/agent_step": state.agent_step,
         "metric/total_time": wall_time,
         "overview/sps": epoch_steps / epoch_seconds,
         "experience/rewards": trainer.rewards.mean().item(),
@@ -156,17 +172,22 @@ def epoch_metrics(trainer: Trainer, logs: dict, epoch_seconds: float, epoch_step
 
 
 def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None = None) -> TrainerState:
-    """Train `tool.run` (resuming from its latest checkpoint, if any) until `trainer.total_timesteps`."""
+    """Train `tool.run` (resuming from its latest checkpoint, if any) until `trainer.total_timesteps`. Under
+    torchrun each process trains its own environments and 1/WORLD_SIZE of every batch; rank 0 alone writes."""
+    tool.start_processes()
     env_cfg = tool.training_env.make_config()
     num_envs = tool.training_env.copies(env_cfg.game.num_agents)
-    tool.check(env_cfg.game.num_agents * num_envs)
-    if tool.trainer.evaluation.evaluate_interval:
+    world, main = distributed.world_size(), distributed.is_main()
+    if tool.trainer.evaluation.evaluate_interval and main:
         print("note: the embedded runtime has no evaluator; trainer.evaluation.evaluate_interval is ignored")
 
-    resume_from, checkpoint = resume_checkpoint(tool.checkpoint_dir, tool.run)
+    with distributed.main_first():  # rank 0 sets torn checkpoints aside
+        resume_from, checkpoint = resume_checkpoint(tool.checkpoint_dir, tool.run)
     seed = tool.seed
     if checkpoint is not None:  # a resumed segment draws afresh from the seed and its epoch: no replayed opening
         seed = int(np.random.SeedSequence([tool.seed, checkpoint["epoch"]]).generate_state(1)[0])
+    if distributed.rank():  # other environments in every process; the weights come from rank 0
+        seed = int(np.random.SeedSequence([seed, distributed.rank()]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -174,63 +195,74 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
     policy = policy_from_checkpoint(checkpoint) if checkpoint else make_policy(vecenv.driver_env)
     policy = policy.to(tool.device)
     num_params = sum(p.numel() for p in policy.parameters())
-    print(f"policy {tool.policy_architecture.name}: {num_params:,} parameters")
+    if main:
+        print(
+            f"policy {tool.policy_architecture.name}: {num_params:,} parameters"
+            + (f", {world} processes" if world > 1 else "")
+        )
 
-    trainer = Trainer(puffer_config(tool, seed), vecenv, policy)
+    trainer = Trainer(puffer_config(tool, seed, world), vecenv, distributed.replica(policy))
     # its CPU/GPU sampling thread only feeds the dashboard
     trainer.utilization.stop()
     wall_offset = 0.0
     if checkpoint:
         trainer.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         trainer.epoch = checkpoint["epoch"]
-        trainer.global_step = checkpoint["agent_step"]
+        trainer.global_step = checkpoint["agent_step"] // world
         wall_offset = checkpoint["wall_time"]
-        print(f"resuming {tool.run} from {resume_from.name}: epoch {trainer.epoch}, step {trainer.global_step}")
+        if main:
+            print(
+                f"resuming {tool.run} from {resume_from.name}: epoch {trainer.epoch}, step {checkpoint['agent_step']}"
+            )
 
-    state = TrainerState(trainer, tool, extra=checkpoint.get("extra", {}) if checkpoint else {})
+    state = TrainerState(trainer, tool, extra=checkpoint.get("extra", {}) if checkpoint else {}, world=world)
     total = tool.trainer.total_timesteps
     ckpt = tool.trainer.checkpoint
-    logger = MetricsLogger(tool, start_epoch=trainer.epoch)
+    logger = MetricsLogger(tool, start_epoch=trainer.epoch) if main else None
     threads = torch.get_num_threads()
     torch.set_num_threads(tool.torch_threads)
     start = time.time()
     try:
-        while trainer.global_step < total and not state.stop:
-            epoch_start, steps_before = time.time(), trainer.global_step
+        while state.agent_step < total and not state.stop:
+            epoch_start, steps_before = time.time(), state.agent_step
             trainer.evaluate()
             # PuffeRL refreshes its loss and environment statistics only when it logs, at most every 0.25 s
             trainer.last_log_time = 0.0
             logs = trainer.train() or {}
             wall_time = wall_offset + time.time() - start
             state.metrics = epoch_metrics(
-                trainer, logs, time.time() - epoch_start, trainer.global_step - steps_before, wall_time
+                state, logs, time.time() - epoch_start, state.agent_step - steps_before, wall_time
             )
             if on_epoch_end is not None:
                 on_epoch_end(state)
+            done = state.agent_step >= total or state.stop
+            if logger is None:
+                state.checkpoint = False
+                continue
             logger.log(state.metrics)
             print_progress(state.metrics, total)
-            done = trainer.global_step >= total or state.stop
             if done or state.checkpoint or (ckpt.checkpoint_interval and trainer.epoch % ckpt.checkpoint_interval == 0):
                 state.checkpoint = False
                 path = save_checkpoint(
                     tool.checkpoint_dir,
                     tool.run,
-                    trainer.uncompiled_policy,
+                    state.policy,
                     trainer.optimizer,
                     trainer.epoch,
-                    trainer.global_step,
+                    state.agent_step,
                     wall_time,
                     extra=state.extra,
                     arena=tool.training_env.arena,
                 )
                 if ckpt.wandb_checkpoint_interval and (done or trainer.epoch % ckpt.wandb_checkpoint_interval == 0):
                     logger.log_checkpoint(path)
-        if not state.metrics:
-            print(f"{tool.run} already trained {trainer.global_step:,} of {total:,} agent steps; nothing to do")
+        if not state.metrics and main:
+            print(f"{tool.run} already trained {state.agent_step:,} of {total:,} agent steps; nothing to do")
     finally:
         torch.set_num_threads(threads)
         vecenv.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     return state
 
 
