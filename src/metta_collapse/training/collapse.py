@@ -420,16 +420,15 @@ class CollapseTrainTool(TrainTool):
         errors = [f"rank {rank}: {e}" if state.world > 1 else e for rank, (e, _) in enumerate(outcomes) if e]
         if not errors and len({digest for _, digest in outcomes}) > 1:
             errors = ["the replicas differ after the collapse"]
+        if errors and error is None and saved is not None:  # this replica collapsed: put back the copy
+            policy, optimizer = saved
+            state.optimizer.param_groups, state.optimizer.state = optimizer.param_groups, optimizer.state
+            for holder, key, tensor in saved_buffers:
+                holder[key] = tensor
+        state.train_policy(policy)  # on every rank together: a new replica wrapper is a collective
         if errors:
-            if error is None and saved is not None:  # this replica collapsed: put back the copy
-                before, optimizer = saved
-                state.optimizer.param_groups, state.optimizer.state = optimizer.param_groups, optimizer.state
-                for holder, key, tensor in saved_buffers:
-                    holder[key] = tensor
-                state.train_policy(before)
             self.record_failure(state, "; ".join(errors), pre_collapse if main else None)
             return
-        state.train_policy(policy)
         record |= {"epoch": state.epoch, "agent_step": state.agent_step}
         state.extra["collapse"] = record
         state.checkpoint = True  # a kill before the next checkpoint would otherwise redo the collapse on new data
