@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `experiments` lives at the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout, even beside an installed copy
 
 from experiments.recipes import collapse_arena  # noqa: E402
 from metta_collapse.training.checkpoint import checkpoint_epochs  # noqa: E402

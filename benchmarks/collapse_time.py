@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `experiments` lives at the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout, even beside an installed copy
 
 from experiments.recipes import collapse_arena  # noqa: E402
 from metta_collapse.training.checkpoint import load_checkpoint  # noqa: E402

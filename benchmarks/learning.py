@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `experiments` lives at the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout, even beside an installed copy
 
 from experiments.recipes.arena_basic_easy_shaped import SMALL  # noqa: E402
 from metta_collapse.training.arena import make_small_arena, make_vecenv

@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # `experiments` lives at the repository root
+sys.path.insert(0, str(REPO / "src"))  # this checkout, even beside an installed copy
 
 from experiments.recipes import collapse_arena  # noqa: E402
 from metta_collapse import CollapseConfig  # noqa: E402

@@ -3,6 +3,7 @@ in place and all or nothing. Knows no trainer: the embedded runtime and the Mett
 
 import copy
 import functools
+import hashlib
 import math
 import time
 from collections.abc import Callable, MutableMapping
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from metta_collapse.analysis import analyze
@@ -291,3 +293,43 @@ def collapse_live(
         "layers": plan.to_dict()["layers"],
     }
     return plan, record
+
+
+# ----- replicas: under torch.distributed every process collapses its own copy of the policy on the same data
+
+
+def gather(value: Any) -> list[Any]:
+    """Every process's `value`, in rank order ([value] without torch.distributed)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def fingerprint(policy: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """A digest of the parameters and their optimizer state, bit for bit."""
+    digest = hashlib.sha256()
+    for param in policy.parameters():
+        digest.update(str(tuple(param.shape)).encode())
+        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+        for name, value in sorted(optimizer.state.get(param, {}).items()):
+            digest.update(name.encode())
+            digest.update(torch.as_tensor(value).detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def agree(error: str | None, policy: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """What went wrong anywhere after every process collapsed its replica (`error`: this one's failure, None if
+    it collapsed): each failure with its rank, or that the replicas differ; [] when all are bit-identical."""
+    outcomes = gather((error, None if error else fingerprint(policy, optimizer)))
+    ranked = len(outcomes) > 1
+    errors = [f"rank {rank}: {e}" if ranked else e for rank, (e, _) in enumerate(outcomes) if e]
+    if not errors and len({digest for _, digest in outcomes}) > 1:
+        errors = ["the replicas differ after the collapse"]
+    return errors
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: torch.optim.Optimizer) -> None:
+    """Put back, in place (schedulers hold the object), a copy of the optimizer taken with its policy's copy."""
+    optimizer.param_groups, optimizer.state = saved.param_groups, saved.state

@@ -535,11 +535,14 @@ def test_settings_that_break_an_in_place_collapse_are_refused_before_training(mo
         adapter.refuse_unsupported(tool)
     tool.trainer.compile = False
     monkeypatch.setenv("WORLD_SIZE", "8")
-    with pytest.raises(ValueError, match="8 processes.*collapse.enabled=false"):
+    monkeypatch.setattr(adapter, "detect_era", lambda: "current")
+    adapter.refuse_unsupported(tool)  # every process collapses its replica (test_metta_distributed.py)
+    monkeypatch.setattr(adapter, "detect_era", lambda: "september")
+    with pytest.raises(ValueError, match="8 processes.*September.*collapse.enabled=false"):
         adapter.refuse_unsupported(tool)
     tool.collapse.enabled = False
     adapter.refuse_unsupported(tool)
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.undo()
     beyond = SECTION(metric="cosine")
     beyond.thresholds.lstm = 3  # as Metta's override check lets it through: the leaf's type only
     with pytest.raises(ValueError, match="collapse.thresholds.lstm=3: Input should be less than or equal to 2"):

@@ -22,7 +22,7 @@ collapse_at_epoch_end = CollapseTrainTool.on_epoch_end
 
 def on_epoch_end(tool: CollapseTrainTool, state) -> None:  # noqa: ANN001
     collapse_at_epoch_end(tool, state)
-    digests = distributed.gather(distributed.fingerprint(state.policy, state.optimizer))
+    digests = live.gather(live.fingerprint(state.policy, state.optimizer))
     if distributed.is_main():
         with open(os.environ["DIGESTS"], "a") as file:
             file.write(json.dumps({"epoch": state.epoch, "digests": digests}) + "\n")

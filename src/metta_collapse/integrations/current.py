@@ -66,7 +66,10 @@ def component_class(base: type) -> type:
 
         def on_epoch_end(self, epoch: int) -> None:
             context = self.context
-            if self.hook.maybe_collapse(context.policy, context.optimizer, epoch, context.agent_step) is not None:
+            collapsed = self.hook.maybe_collapse(
+                context.policy, context.optimizer, epoch, context.agent_step, getattr(context, "distributed", None)
+            )
+            if collapsed is not None:
                 self.sync()
             self.hook.watch(context.policy, epoch)
 

@@ -1,6 +1,7 @@
 """The collapse of a live Metta agent, shared by both eras: the rollouts it is chosen on, the operation, and
 the hook that decides when (wired into Metta's trainer by `current` and `september`)."""
 
+import copy
 import functools
 import logging
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from torch import nn
 import metta_collapse as mc
 from metta_collapse.activations import collapsed_inputs
 from metta_collapse.integrations.fast import Era, FastLayout, find_fast
-from metta_collapse.live import Data, collapse_live
+from metta_collapse.live import Data, agree, collapse_live, restore_optimizer
 
 # set on the agent after a collapse; September checkpoints pickle the agent, so a resumed run sees it
 MARKER = "metta_collapse_record"
@@ -118,6 +119,12 @@ class Rollouts:
         chunks, size = self.parts[part], self.sizes[part]
         rows = {name: torch.cat([chunk[name] for chunk in chunks])[-size:] for name in self.names}
         return tuple(t.movedim(0, 1) if name in STATES else t for name, t in rows.items())
+
+    def detached(self) -> "Rollouts":
+        """A copy without the hooks, to send to other processes."""
+        rollouts = copy.copy(self)
+        rollouts.handles, rollouts.step = [], {}
+        return rollouts
 
     def describe(self) -> str:
         split = "agent" if self.by_agent else "environment copy"
@@ -224,28 +231,46 @@ class CollapseHook:
         if self.rollouts is not None:
             self.rollouts.unwatch()
 
-    def maybe_collapse(self, agent: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, agent_step: int):
+    def maybe_collapse(
+        self, agent: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, agent_step: int, helper: Any = None
+    ) -> dict | None:
+        """Collapse `agent` if due. `helper` is Metta's DistributedHelper: with more processes than one, every
+        process collapses its replica on rank 0's rollouts; unless all succeed and the replicas are bit-identical,
+        every process puts its replica back. `agent`'s DistributedDataParallel wrapper is rebuilt in place."""
         if not self.pending(agent) or epoch < self.section.epoch_idx:
             return None
         rollouts = self.rollouts
+        if helper is not None and helper.is_distributed:
+            rollouts = helper.broadcast_from_master(None if rollouts is None else rollouts.detached())
         if rollouts is None or not rollouts.ready():
             counts = rollouts.counts if rollouts else 0
             sizes = rollouts.sizes if rollouts else "fit, select and report"
             log.warning("collapse due at epoch %d waits for rollouts: %s rows of %s", epoch, counts, sizes)
             return None
+        wrapped = isinstance(agent, nn.parallel.DistributedDataParallel)
+        replica = agent.module if wrapped else agent
+        saved = copy.deepcopy((replica, optimizer)) if wrapped else None  # one that collapsed may have to go back
+        error, cause = None, None
         try:
-            record = collapse_agent(agent, optimizer, self.era, self.section, rollouts)
-        except Exception as error:
+            record = collapse_agent(replica, optimizer, self.era, self.section, rollouts)
+        except Exception as failure:  # collapse_agent left this replica and the optimizer as they were
+            error, cause = f"{type(failure).__name__}: {failure}", failure
+        errors = agree(error, replica, optimizer)
+        if errors and error is None and saved is not None:
+            replica, saved_optimizer = saved
+            restore_optimizer(optimizer, saved_optimizer)
+        if wrapped:  # Metta's DistributedPolicy(policy, device), rebuilt in place: whoever holds it trains on
+            type(agent).__init__(agent, replica, next(replica.parameters()).device)
+        self.unwatch()
+        if errors:
             self.failed = True
-            self.unwatch()
             message = (
                 f"COLLAPSE FAILED at epoch {epoch}: the policy and the optimizer are unchanged, training goes on "
-                f"uncollapsed. {type(error).__name__}: {error}"
+                f"uncollapsed. {'; '.join(errors)}"
             )
-            log.error(message, exc_info=True)
+            log.error(message, exc_info=cause)
             self.log({"collapse/failed": 1.0})
-            raise CollapseFailed(message) from error
-        self.unwatch()
+            raise CollapseFailed(message) from cause
         self.rollouts = None
         record |= {"epoch": epoch, "agent_step": agent_step}
         setattr(agent, MARKER, record)

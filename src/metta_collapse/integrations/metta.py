@@ -97,11 +97,11 @@ def refuse_unsupported(tool: Any) -> None:
     if getattr(tool.trainer, "compile", False):
         raise ValueError("trainer.compile=true is not supported with collapse.enabled: shapes change mid-training")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    if world > 1 and detect_era() == "september":
         raise ValueError(
-            f"collapse.enabled with {world} processes (WORLD_SIZE): DistributedDataParallel keeps the old parameters, "
-            "so the collapse runs single-process only: train past epoch_idx in one process, then resume "
-            "distributed with collapse.enabled=false (the checkpoint carries the collapsed widths)"
+            f"collapse.enabled with {world} processes (WORLD_SIZE): in September Metta the collapse runs in one "
+            "process only: train past epoch_idx in one process, then resume distributed with collapse.enabled=false "
+            "(the checkpoint carries the collapsed widths)"
         )
 
 

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 import metta_collapse as mc
-from metta_collapse.live import Data, PackedState, collapse_live
+from metta_collapse.live import Data, PackedState, agree, collapse_live, restore_optimizer
 from metta_collapse.training import distributed
 from metta_collapse.training.checkpoint import (
     checkpoint_epochs,
@@ -416,13 +416,10 @@ class CollapseTrainTool(TrainTool):
             record = self.collapse_policy(policy, state.optimizer, data, buffers)
         except Exception as failure:  # the policy, optimizer and buffers are as they were
             error = f"{type(failure).__name__}: {failure}"
-        outcomes = distributed.gather((error, None if error else distributed.fingerprint(policy, state.optimizer)))
-        errors = [f"rank {rank}: {e}" if state.world > 1 else e for rank, (e, _) in enumerate(outcomes) if e]
-        if not errors and len({digest for _, digest in outcomes}) > 1:
-            errors = ["the replicas differ after the collapse"]
+        errors = agree(error, policy, state.optimizer)
         if errors and error is None and saved is not None:  # this replica collapsed: put back the copy
             policy, optimizer = saved
-            state.optimizer.param_groups, state.optimizer.state = optimizer.param_groups, optimizer.state
+            restore_optimizer(state.optimizer, optimizer)
             for holder, key, tensor in saved_buffers:
                 holder[key] = tensor
         state.train_policy(policy)  # on every rank together: a new replica wrapper is a collective

@@ -2,7 +2,6 @@
 replicas the same. With WORLD_SIZE unset or 1 everything here is a no-op."""
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -64,24 +63,3 @@ def from_main(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def gather(value: Any) -> list[Any]:
-    """Every rank's `value`, in rank order."""
-    if not dist.is_initialized():
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def fingerprint(policy: nn.Module, optimizer: torch.optim.Optimizer) -> str:
-    """A digest of the parameters and the optimizer state, bit for bit."""
-    digest = hashlib.sha256()
-    for param in policy.parameters():
-        digest.update(str(tuple(param.shape)).encode())
-        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
-        for name, value in sorted(optimizer.state.get(param, {}).items()):
-            digest.update(name.encode())
-            digest.update(torch.as_tensor(value).detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
