@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_training_run import TINY
 
 from metta_collapse.training.checkpoint import checkpoint_epochs, load_checkpoint
@@ -20,7 +21,7 @@ RANKS = Path(__file__).with_name("ranks.py")
 RECIPE = "experiments.recipes.collapse_arena.train"
 
 
-def run(tmp_path: Path, processes: int, epochs: int, **env: str) -> list[dict]:
+def run(tmp_path: Path, processes: int, epochs: int, *extra: str, **env: str) -> list[dict]:
     """Train run `ddp` to `epochs` tiny epochs (384 agent steps each) in `processes` processes; the replicas'
     digests after every epoch."""
     digests = tmp_path / f"digests_{processes}_{epochs}.jsonl"
@@ -33,6 +34,7 @@ def run(tmp_path: Path, processes: int, epochs: int, **env: str) -> list[dict]:
         "trainer.checkpoint.wandb_checkpoint_interval=0",
         "collapse.epoch_idx=2",
         "collapse.fit_steps=1024",
+        *extra,
     ]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     done = subprocess.run(
@@ -65,6 +67,12 @@ def test_two_processes_collapse_once_stay_identical_and_resume_on_one_or_two(tmp
     assert [m["metric/agent_step"] for m in metrics] == [384 * e for e in range(1, 6)]
     assert sum("collapse/params_after" in m for m in metrics) == 1
     assert json.loads((run_dir / "collapse.json").read_text()) == record
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: nccl's process group")
+def test_one_process_on_cuda_joins_an_nccl_group_and_collapses_once(tmp_path: Path):
+    assert [d["epoch"] for d in run(tmp_path, 1, 3, "device=cuda")] == [1, 2, 3]
+    assert json.loads((tmp_path / "ddp" / "collapse.json").read_text())["epoch"] == 2
 
 
 def test_a_collapse_that_fails_on_one_rank_is_undone_on_both(tmp_path: Path):

@@ -1,5 +1,5 @@
-"""One training process per rank under torchrun: its process group, its replica, and the checks that keep the
-replicas the same. With WORLD_SIZE unset or 1 everything here is a no-op."""
+"""One training process per rank under torchrun: its process group, its replica, who writes. In a run started
+without torchrun everything here is a no-op."""
 
 import contextlib
 import os
@@ -24,8 +24,9 @@ def is_main() -> bool:
 
 
 def start(device: str) -> None:
-    """Join torchrun's process group (gloo on CPU, nccl on CUDA), once per process."""
-    if world_size() > 1 and not dist.is_initialized():
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA), once per process, of any size (1 included); a
+    run started without torchrun (no LOCAL_RANK) has none."""
+    if "LOCAL_RANK" in os.environ and not dist.is_initialized():
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
