@@ -1,37 +1,31 @@
-"""metta-collapse: shrink a policy network by fibration symmetry and keep training it."""
+"""metta-collapse: shrink a policy network by fibration symmetry and keep training it.
 
-from metta_collapse.analysis import analyze, known_barrier, pass_colors, per_channel, register_rule
-from metta_collapse.basis import select_basis
-from metta_collapse.config import Budget, CollapseConfig, InputSpec, ModelSpec, RankTol, Thresholds
-from metta_collapse.errors import CollapseError
-from metta_collapse.graph import Step, chain_graph
-from metta_collapse.plan import CollapsePlan
-from metta_collapse.refit import refit
-from metta_collapse.rewrite import RecurrentStack, ablate, collapse, keep, map_state, reinitialize, remap_optimizer
+The public names are imported on first use (PEP 562), so that configuration and the command line's `--help` do not
+load torch."""
 
-__all__ = [
-    "Budget",
-    "CollapseConfig",
-    "CollapseError",
-    "CollapsePlan",
-    "InputSpec",
-    "RecurrentStack",
-    "ModelSpec",
-    "RankTol",
-    "Step",
-    "Thresholds",
-    "ablate",
-    "analyze",
-    "known_barrier",
-    "pass_colors",
-    "per_channel",
-    "register_rule",
-    "chain_graph",
-    "collapse",
-    "keep",
-    "map_state",
-    "refit",
-    "reinitialize",
-    "remap_optimizer",
-    "select_basis",
-]
+import importlib
+
+_HOMES = {
+    "analysis": ["analyze", "known_barrier", "pass_colors", "per_channel", "register_rule"],
+    "basis": ["select_basis"],
+    "config": ["Budget", "CollapseConfig", "InputSpec", "ModelSpec", "RankTol", "Thresholds"],
+    "errors": ["CollapseError"],
+    "graph": ["Step", "chain_graph"],
+    "plan": ["CollapsePlan"],
+    "refitting": ["refit"],
+    "rewrite": ["RecurrentStack", "ablate", "collapse", "keep", "map_state", "reinitialize", "remap_optimizer"],
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> object:
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    else:  # a submodule, e.g. `mc.config`
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value

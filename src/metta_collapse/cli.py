@@ -12,10 +12,10 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-import metta_collapse as mc
+if TYPE_CHECKING:
+    from metta_collapse.config import CollapseConfig
 
 
 def positive_int(text: str) -> int:
@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("target", metavar="RUN_OR_CHECKPOINT")
     analyze.add_argument("--train-dir", type=Path, default=Path("train_dir"), help="default: ./train_dir")
-    thresholds = mc.Thresholds.model_fields
+    from metta_collapse.config import Thresholds  # pydantic only: no torch for `--help`
+
+    thresholds = Thresholds.model_fields
     for name in thresholds:
         analyze.add_argument(
             f"--{name}", type=float, help=f"{name} threshold in [0, 2] (default {thresholds[name].default})"
@@ -119,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def collapse_config(args: argparse.Namespace) -> mc.CollapseConfig:
+def collapse_config(args: argparse.Namespace) -> "CollapseConfig":
+    from pydantic import ValidationError
+
+    import metta_collapse as mc
     from metta_collapse.training.config import ConfigError
 
     try:

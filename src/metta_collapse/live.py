@@ -19,7 +19,7 @@ from metta_collapse.basis import apply_widths, bases, scale_for_params, smallest
 from metta_collapse.config import Budget, CollapseConfig, ModelSpec, RankTol, Thresholds
 from metta_collapse.errors import CollapseError
 from metta_collapse.plan import CollapsePlan
-from metta_collapse.refit import refit
+from metta_collapse.refitting import refit
 from metta_collapse.rewrite import (
     ablate,
     collapse,

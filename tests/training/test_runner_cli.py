@@ -164,3 +164,15 @@ def test_one_training_job_per_run_and_a_dead_holders_lock_is_taken_over(tmp_path
             pass
         assert lock.exists()
     assert not lock.exists()
+
+
+def test_help_explains_the_runner_and_lists_a_recipes_override_paths(tmp_path: Path, capsys: pytest.CaptureFixture):
+    assert main(["--help"]) == 0
+    assert "MODULE.FUNC" in capsys.readouterr().out
+    recipe = "experiments.recipes.collapse_arena.small"
+    assert main([recipe, "collapse.epoch_idx=7", f"train_dir={tmp_path}", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  collapse.epoch_idx = 7  (>= 0)" in lines  # the recipe's tool with the command line's overrides
+    assert "  collapse.budget.params = null  (> 0.0; <= 1.0)" in lines
+    assert '  collapse.mode = "fibration"  (one of fibration, random_ablation, scratch)' in lines
+    assert "  trainer.batch_size = 12288  (> 0)" in lines and not any(tmp_path.iterdir())  # nothing ran

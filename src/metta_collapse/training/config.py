@@ -12,19 +12,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 from mettagrid.config.mettagrid_config import MettaGridConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from metta_collapse.errors import ConfigError
 from metta_collapse.training.arena import make_arena, make_small_arena
 
 if TYPE_CHECKING:
     from metta_collapse.training.trainer import TrainerState
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line."""
 
 
 class Config(BaseModel):
@@ -296,6 +293,26 @@ def apply_override(root: BaseModel, key: str, value: str) -> None:
             setattr(target, leaf, parsed)
         except ValidationError:
             raise ConfigError(f"invalid value for {key}: {value!r} ({error.errors()[0]['msg']})") from None
+
+
+def field_lines(model: BaseModel, prefix: str = "") -> list[str]:
+    """Every override path under `model` with its value, and its bounds or choices where it has any."""
+    lines = []
+    for name, info in type(model).model_fields.items():
+        value, path = getattr(model, name), prefix + name
+        if isinstance(value, BaseModel):
+            lines += field_lines(value, path + ".")
+            continue
+        limits = [
+            f"{symbol} {getattr(rule, attribute)}"
+            for rule in info.metadata
+            for attribute, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("pattern", "matching"))
+            if getattr(rule, attribute, None) is not None
+        ]
+        if get_origin(info.annotation) is Literal:
+            limits.append("one of " + ", ".join(map(str, get_args(info.annotation))))
+        lines.append(f"{path} = {json.dumps(value, default=str)}" + (f"  ({'; '.join(limits)})" if limits else ""))
+    return lines
 
 
 def _parse_json(value: str) -> object | None:

@@ -5,15 +5,20 @@
 
 The function is imported and called with the arguments its signature names; every other `key=value` is an
 override of the returned tool (a dotted path into its fields), validated before the tool is invoked.
+`run.py MODULE.FUNC [key=value ...] --help` lists the tool's override paths with their values and bounds.
 """
 
 import importlib
 import inspect
 import sys
+from typing import TYPE_CHECKING
 
-from pydantic import TypeAdapter, ValidationError
+from metta_collapse.errors import ConfigError
 
-from metta_collapse.training.config import ConfigError, Tool, apply_override
+if TYPE_CHECKING:
+    from metta_collapse.training.config import Tool
+
+HELP = ("-h", "--help")
 
 USAGE = (
     "usage: run.py MODULE.FUNC [--args key=value ...] [--overrides path=value ...]\n"
@@ -68,8 +73,13 @@ def load_function(target: str) -> object:
     return function
 
 
-def build_tool(argv: list[str]) -> Tool:
+def build_tool(argv: list[str]) -> "Tool":
     """Parse the command line, call the recipe function and apply the overrides: everything but invoking."""
+    # imported here: the recipe needs them anyway, `--help` and a malformed command line do not
+    from pydantic import TypeAdapter, ValidationError
+
+    from metta_collapse.training.config import Tool, apply_override
+
     target, args, overrides, september = parse_command_line(argv)
     function = load_function(target)
     parameters = inspect.signature(function).parameters
@@ -108,8 +118,19 @@ def build_tool(argv: list[str]) -> Tool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in HELP:
+        print(f"{__doc__}\n{USAGE}")
+        return 0
     try:
-        tool = build_tool(sys.argv[1:] if argv is None else argv)
+        if any(token in HELP for token in argv[1:]):
+            from metta_collapse.training.config import field_lines
+
+            tool = build_tool([token for token in argv if token not in HELP])
+            print(f"{argv[0]}: {type(tool).__name__}; override paths, values, bounds:")
+            print("\n".join(f"  {line}" for line in field_lines(tool)))
+            return 0
+        tool = build_tool(argv)
         result = tool.invoke()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
