@@ -1,12 +1,15 @@
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_training_run import TINY
 
 from metta_collapse.training import trainer
 from metta_collapse.training.config import ConfigError
+from metta_collapse.training.metrics import read_metrics
 from metta_collapse.training.runner import build_tool, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,3 +179,34 @@ def test_help_explains_the_runner_and_lists_a_recipes_override_paths(tmp_path: P
     assert "  collapse.budget.params = null  (> 0.0; <= 1.0)" in lines
     assert '  collapse.mode = "fibration"  (one of fibration, random_ablation, scratch)' in lines
     assert "  trainer.batch_size = 12288  (> 0)" in lines and not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_a_run_writes_its_settings_and_a_resume_names_what_changed(tmp_path: Path, capsys: pytest.CaptureFixture):
+    command = [RECIPE, "run=r", f"train_dir={tmp_path}", "wandb.enabled=false", *(f"{k}={v}" for k, v in TINY.items())]
+    assert main([*command, "trainer.total_timesteps=384"]) == 0
+    settings = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert settings["trainer"]["batch_size"] == 384 and settings["training_env"]["arena"] == "small"
+    capsys.readouterr()
+    assert main([*command, "trainer.total_timesteps=768"]) == 0
+    assert "r resumes with other settings than it last trained with: trainer.total_timesteps 384 -> 768" in (
+        capsys.readouterr().out
+    )
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["trainer"]["total_timesteps"] == 768
+
+
+def test_a_branch_takes_its_sources_settings_with_the_command_lines_on_top(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    tiny = [f"{key}={value}" for key, value in TINY.items()]
+    baseline = [f"train_dir={tmp_path}", "wandb.enabled=false", "trainer.checkpoint.checkpoint_interval=1", *tiny]
+    assert main([RECIPE, "run=base", "trainer.total_timesteps=768", *baseline]) == 0
+    capsys.readouterr()
+    branch = ["collapse.init_from=base", "collapse.epoch_idx=1", "collapse.fit_steps=1024", "seed=3"]
+    assert main(["experiments.recipes.collapse_arena.train", "run=b", f"train_dir={tmp_path}", *branch]) == 0
+    out = capsys.readouterr().out
+    assert "the branch takes 'base''s settings: " in out and "trainer.batch_size=384" in out
+    assert "branching b from base at its epoch 1" in out and "resuming" not in out
+    settings = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert settings["trainer"]["batch_size"] == 384 and settings["trainer"]["total_timesteps"] == 768
+    assert settings["wandb"]["enabled"] is False and settings["seed"] == 3  # the source's; the command line's
+    assert read_metrics(tmp_path / "b" / "metrics.jsonl")[-1]["metric/agent_step"] == 768

@@ -6,7 +6,6 @@ The policy's `core` (feature box -> heads) is what the engine analyses and rewri
 import copy
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -24,7 +23,15 @@ from metta_collapse.training.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from metta_collapse.training.config import Config, ConfigError, TrainTool, run_lock
+from metta_collapse.training.config import (
+    Config,
+    ConfigError,
+    TrainTool,
+    apply_override,
+    flatten,
+    run_lock,
+    write_json,
+)
 from metta_collapse.training.metrics import read_metrics
 from metta_collapse.training.policy import FastPolicy
 from metta_collapse.training.rollout import rollouts
@@ -142,12 +149,6 @@ class CollapseSection(Config):
         return f"{self.init_from}_epoch_{self.epoch_idx}_{name}{'' if self.refit else '_norefit'}"
 
 
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def collapse_metrics(record: dict) -> dict[str, float]:
     return {f"collapse/{key}": float(value) for key, value in record.items() if isinstance(value, int | float)}
 
@@ -195,6 +196,7 @@ class CollapseTrainTool(TrainTool):
         source = None
         if c.init_from is not None:
             source = self._source_checkpoint()
+            self._inherit_settings()
             self.run = self.run or c.branch_name()
         elif c.enabled:
             last = math.ceil(self.trainer.total_timesteps / self.trainer.batch_size)
@@ -236,6 +238,26 @@ class CollapseTrainTool(TrainTool):
                 f"its checkpoint epochs: {', '.join(map(str, sorted(epochs))) or '(none)'}"
             )
         return epochs[c.epoch_idx]
+
+    def _inherit_settings(self) -> None:
+        """A branch trains as its source run did: the source's settings (its `config.json`), those of this command
+        line on top; not the run's name, folder or collapse."""
+        c = self.collapse
+        path = Path(self.train_dir) / c.init_from / "config.json"
+        if not path.exists():
+            warnings.warn(
+                f"run {c.init_from!r} has no config.json: the branch trains with this command's settings", stacklevel=2
+            )
+            return
+        own = ("run", "train_dir", "collapse", "trainer.checkpoint.checkpoint_dir")
+        now, inherited = flatten(self.model_dump(mode="json")), []
+        for key, value in flatten(json.loads(path.read_text())).items():
+            if key.startswith(own) or key in self._given or now.get(key) == value:
+                continue
+            apply_override(self, key, value)
+            inherited.append(f"{key}={json.dumps(value)}")
+        if inherited:
+            print(f"the branch takes {c.init_from!r}'s settings: {', '.join(inherited)}")
 
     def _branch(self, source: Path) -> None:
         """Start this run from the source run's checkpoint, collapsed (or cut, or re-initialised)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 from mettagrid.config.mettagrid_config import MettaGridConfig
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from metta_collapse.errors import ConfigError
 from metta_collapse.training.arena import make_arena, make_small_arena
@@ -130,6 +130,9 @@ class WandbConfig(Config):
 
 
 class Tool(Config):
+    # the override paths the command line set (the runner fills it in): a branch keeps them over its source's
+    _given: set[str] = PrivateAttr(default_factory=set)
+
     def invoke(self) -> int | None:
         raise NotImplementedError
 
@@ -196,8 +199,26 @@ class TrainTool(Tool):
 
         self.start_processes()
         with run_lock(self.run_dir):
+            if os.environ.get("RANK", "0") == "0":
+                self.record_settings()
             train(self, on_epoch_end=self.on_epoch_end)
         return 0
+
+    def record_settings(self) -> None:
+        """Write the run's settings to `config.json`. Resumed with other settings than it last trained with, the
+        run says which (the collapse's are checked against its record instead)."""
+        path = self.run_dir / "config.json"
+        now = flatten(self.model_dump(mode="json"))
+        if path.exists():
+            before = flatten(json.loads(path.read_text()))
+            changed = [
+                f"{key} {json.dumps(before.get(key))} -> {json.dumps(value)}"
+                for key, value in now.items()
+                if before.get(key) != value and not key.startswith("collapse.")
+            ]
+            if changed:
+                print(f"{self.run} resumes with other settings than it last trained with: {', '.join(changed)}")
+        write_json(path, self.model_dump(mode="json"))
 
     def start_processes(self) -> None:
         """Check the batch against this job's processes (torchrun's WORLD_SIZE) before any of them trains, join
@@ -269,8 +290,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def apply_override(root: BaseModel, key: str, value: str) -> None:
-    """Set the field at dotted path `key` from its command-line string, validated by pydantic."""
+def flatten(settings: dict, prefix: str = "") -> dict[str, object]:
+    """Nested settings as {dotted path: value}."""
+    flat = {}
+    for name, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{prefix}{name}.")
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Written whole or not at all (a kill leaves the previous file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def apply_override(root: BaseModel, key: str, value: object) -> None:
+    """Set the field at dotted path `key` from its command-line string (or a value), validated by pydantic."""
     *parents, leaf = key.split(".")
     target = root
     for depth, name in enumerate([*parents, leaf]):

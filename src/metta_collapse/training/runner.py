@@ -114,6 +114,7 @@ def build_tool(argv: list[str]) -> "Tool":
                 )
     for key, value in leftover + overrides:
         apply_override(tool, key, value)
+    tool._given = {key for key, _ in leftover + overrides}
     return tool
 
 

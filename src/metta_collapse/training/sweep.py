@@ -20,8 +20,8 @@ import pufferlib
 from pydantic import Field
 
 from metta_collapse.config import SWEEP_SPACE
-from metta_collapse.training.collapse import CollapseTrainTool, write_json
-from metta_collapse.training.config import ConfigError, Tool
+from metta_collapse.training.collapse import CollapseTrainTool
+from metta_collapse.training.config import ConfigError, Tool, write_json
 from metta_collapse.training.metrics import read_metrics
 
 

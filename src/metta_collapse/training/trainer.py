@@ -210,7 +210,10 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
         trainer.epoch = checkpoint["epoch"]
         trainer.global_step = checkpoint["agent_step"] // world
         wall_offset = checkpoint["wall_time"]
-        if main:
+        branch = checkpoint.get("extra", {}).get("collapse", {})
+        if main and branch.get("source") and branch["epoch"] == trainer.epoch:  # the branch's first checkpoint
+            print(f"branching {tool.run} from {branch['source']} at its epoch {branch['source_epoch']}")
+        elif main:
             print(
                 f"resuming {tool.run} from {resume_from.name}: epoch {trainer.epoch}, step {checkpoint['agent_step']}"
             )
