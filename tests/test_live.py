@@ -120,3 +120,19 @@ def test_a_failure_inside_the_live_collapse_changes_nothing(monkeypatch):
         assert all(torch.equal(weights[k], v) for k, v in policy.state_dict().items())
         assert all(torch.equal(optimizer.state[p][k], v) for p in params for k, v in state[id(p)].items())
         assert policy.hidden_size == buffers["lstm_h"].shape[1]
+
+
+def test_the_record_costs_each_layer_as_the_network_of_its_widths():
+    base, policy, optimizer, observations = trained_planted()
+    buffers = {"lstm_h": torch.zeros(3, policy.hidden_size), "lstm_c": torch.zeros(3, policy.hidden_size)}
+    _, record = live.collapse_live(**arguments(policy, optimizer, observations, buffers))
+    layers = {layer["name"]: layer for layer in record["layers"]}
+    for name in ("cnn1", "cnn2", "fc1", "encoded_obs", "lstm1", "lstm2", "critic_1", "actor_1"):
+        params = sum(p.numel() for p in base.core.get_submodule(name).parameters())
+        assert layers[name]["params_before"] > layers[name]["params_after"] == params, name
+    lstm, critic = base.core.lstm1, base.core.critic_1
+    assert layers["lstm1"]["macs_after"] == 4 * lstm.hidden_size * (lstm.input_size + lstm.hidden_size)
+    assert layers["critic_1"]["macs_after"] == critic.in_features * critic.out_features
+    _, base_cost, _ = live.cost(base, lambda p, _: p(observations, {}), None)
+    assert record["macs_per_step_after"] == base_cost["macs_per_step"] < record["macs_per_step_before"]
+    assert record["seconds_per_step_before"] > 0 and record["seconds_per_step_after"] > 0

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from metta_collapse.analysis import analyze
 from metta_collapse.basis import apply_widths, bases, scale_for_params, smallest_scale, structure, widths_at
@@ -79,6 +80,40 @@ def behaviour_change(
         "value_err": ((new_values - old_values).abs().max() / scale).item(),
         "top1": (old_logits.argmax(-1) == new_logits.argmax(-1)).double().mean().item(),
     }
+
+
+def _recurrent_macs(module: nn.Module) -> int:
+    """Multiply-adds per step of the recurrent layers in `module`, whose fused ops torch's FlopCounterMode does
+    not count: each weight matrix multiplies once per step."""
+    return sum(p.numel() for m in module.modules() if isinstance(m, nn.RNNBase) for p in m.parameters() if p.dim() == 2)
+
+
+def cost(policy: nn.Module, behaviour: Behaviour, plan: CollapsePlan | None) -> tuple[tuple, dict, dict]:
+    """`behaviour` run on `policy`; what one agent step of it costs (seconds, multiply-adds); the multiply-adds
+    per agent step of each module, by name, as torch's FlopCounterMode counts them."""
+    with torch.no_grad():
+        start = time.perf_counter()
+        outputs = behaviour(policy, plan)
+        seconds = time.perf_counter() - start
+        with FlopCounterMode(display=False) as counter:
+            behaviour(policy, plan)
+    steps = outputs[0].shape[:-1].numel()
+    counted = {name: sum(ops.values()) / 2 / steps for name, ops in counter.get_flop_counts().items()}
+    macs = round(counted.get("Global", 0) + _recurrent_macs(policy))
+    return outputs, {"seconds_per_step": seconds / steps, "macs_per_step": macs}, counted
+
+
+def layer_costs(module: nn.Module, names: list[str], counted: dict) -> dict[str, dict]:
+    """Parameters and multiply-adds per agent step of the named layers of `module` (`counted`: from `cost`)."""
+    costs = {}
+    for name in names:
+        try:
+            layer = module.get_submodule(name)
+        except AttributeError:  # a bare parameter
+            continue
+        macs = _recurrent_macs(layer) + next((n for key, n in counted.items() if key.endswith(f".{name}")), 0)
+        costs[name] = {"params": sum(p.numel() for p in layer.parameters()), "macs": round(macs)}
+    return costs
 
 
 @dataclass
@@ -209,8 +244,7 @@ def collapse_live(
     budget = budget or Budget()
     module = policy.get_submodule(target)
     start = time.perf_counter()
-    with torch.no_grad():
-        before = data.report(policy, None)
+    before, cost_before, counted_before = cost(policy, data.report, None)
     measuring = time.perf_counter() - start
     start = time.perf_counter()
     sizer = Sizer(module, data, spec, config)
@@ -247,6 +281,8 @@ def collapse_live(
             steps=6,
         )
     plan, kept, knob = sizer.plan(scale)
+    names = [layer.name for layer in plan.layers]
+    layers_before = layer_costs(module, names, counted_before)
     params_before = sum(p.numel() for p in policy.parameters())
     saved = [(buffer.holder, buffer.key, buffer.holder[buffer.key]) for buffer in buffers]
     # re-initialising and the refit write into parameters that keep their width; everything else gets new tensors
@@ -264,8 +300,9 @@ def collapse_live(
             if after_rewrite is not None:
                 after_rewrite(plan)
             seconds = time.perf_counter() - start
-            with torch.no_grad():
-                change = behaviour_change(before, data.report(policy, plan))
+            after, cost_after, counted_after = cost(policy, data.report, plan)
+            layers_after = layer_costs(module, names, counted_after)
+            change = behaviour_change(before, after)
             measuring += time.perf_counter() - start - seconds
             if not all(math.isfinite(value) for value in change.values()):
                 raise CollapseError(f"the collapsed policy's behaviour is not finite: {change}")
@@ -287,10 +324,17 @@ def collapse_live(
         "seconds": seconds,
         "seconds_record": measuring,
         **change,
+        **{f"{key}_before": value for key, value in cost_before.items()},
+        **{f"{key}_after": value for key, value in cost_after.items()},
         "measured_on": data.description,
         "refitted": [layer["name"] for layer in fitted.get("layers", [])],
         "kept_merged": fitted.get("kept_merged", []),
-        "layers": plan.to_dict()["layers"],
+        "layers": [
+            layer
+            | {f"{key}_before": value for key, value in layers_before.get(layer["name"], {}).items()}
+            | {f"{key}_after": value for key, value in layers_after.get(layer["name"], {}).items()}
+            for layer in plan.to_dict()["layers"]
+        ],
     }
     return plan, record
 

@@ -1,5 +1,6 @@
 """The embedded sweep: one baseline, trials that branch from it inside its agent steps, the score and frontier."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -43,7 +44,10 @@ def test_trials_branch_from_one_baseline_collapse_inside_their_steps_and_the_fro
         assert record["source"] == "s.baseline" and 1 <= record["source_epoch"] < EPOCHS
         assert row["collapse.epoch_idx"] == int(row["collapse.epoch_fraction"] * EPOCHS)
         assert row["kept"] == record["params_after"] / record["params_before"] <= row["collapse.budget.params"]
+        assert (row["kl_mean"], row["value_err"]) == (record["kl_mean"], record["value_err"])
         assert row["score"] == pytest.approx(row["reward"] / row["baseline_reward"] - 0.5 * row["kept"])
+    with (tmp_path / "s" / "results.csv").open() as table:
+        assert {"kept", "kl_mean", "value_err", "recovered", "score"} <= set(next(csv.reader(table)))
     out = capsys.readouterr().out
     assert "Predicted" not in out and "recovered" in out.split("results.json")[-1]
     assert sum(line.endswith(" *") for line in out.splitlines()) >= 1  # the frontier is marked

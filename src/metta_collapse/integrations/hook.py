@@ -275,15 +275,26 @@ class CollapseHook:
         record |= {"epoch": epoch, "agent_step": agent_step}
         setattr(agent, MARKER, record)
         self.log(metrics(record))
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({f"collapse/{key}": record[key] for key in ("mode", "metric", "refit")})
         log.warning(
-            "collapse at epoch %d: %d -> %d parameters, KL mean %.2e, value error %.2e (%s); widths %s",
+            "collapse at epoch %d: %d -> %d parameters, %d -> %d multiply-adds per agent step; on the report part, "
+            "KL(old || new) of the actions mean %.2e, value error max|dv|/max|v| %.2e (%s); changed layers "
+            "(units, parameters) %s",
             epoch,
             record["params_before"],
             record["params_after"],
+            record["macs_per_step_before"],
+            record["macs_per_step_after"],
             record["kl_mean"],
             record["value_err"],
             record["measured_on"],
-            {layer["name"]: f"{layer['width_before']}->{layer['width_after']}" for layer in record["layers"]},
+            {
+                layer["name"]: f"{layer['width_before']}->{layer['width_after']}, "
+                f"{layer.get('params_before')}->{layer.get('params_after')}"
+                for layer in record["layers"]
+                if layer["width_after"] != layer["width_before"]
+            },
         )
         return record
 

@@ -29,6 +29,7 @@ from metta_collapse.training.config import (
     TrainTool,
     apply_override,
     flatten,
+    json_text,
     run_lock,
     write_json,
 )
@@ -159,13 +160,24 @@ def print_record(record: dict) -> None:
     print(
         f"collapse ({record['mode']}, {record['metric']}{refit}) at epoch {record['epoch']}, step "
         f"{record['agent_step']:,}: {record['params_before']:,} -> {record['params_after']:,} parameters "
-        f"({kept:.1%} kept) in {record['seconds']:.2f}s\n  on the {record.get('measured_on', 'recent data')}: "
-        f"KL mean {record['kl_mean']:.2e} max {record['kl_max']:.2e}, value error (max|dv|/max|v|) "
-        f"{record['value_err']:.2e}, top-1 action kept {record.get('top1', float('nan')):.1%}"
+        f"({kept:.1%} kept) in {record['seconds']:.2f}s\n"
+        f"  per agent step: {record['macs_per_step_before']:,} -> {record['macs_per_step_after']:,} multiply-adds, "
+        f"{record['seconds_per_step_before'] * 1e6:.1f} -> {record['seconds_per_step_after'] * 1e6:.1f} us\n"
+        f"  what it changed, on the {record.get('measured_on', 'recent data')}:\n"
+        f"    KL(old || new) of the action distribution, mean {record['kl_mean']:.2e}, max {record['kl_max']:.2e}\n"
+        f"    value error max|v_new - v_old| / max|v_old| {record['value_err']:.2e}\n"
+        f"    most likely action unchanged {record.get('top1', float('nan')):.1%}\n"
+        f"  {'layer':<20} {'units':>15} {'parameters':>21} {'multiply-adds/step':>23}"
     )
     for layer in record["layers"]:
         if layer["width_after"] != layer["width_before"]:
-            print(f"  {layer['name']:<20} {layer['width_before']:>6} -> {layer['width_after']:<6}")
+            columns = [f"{layer['width_before']:>6} -> {layer['width_after']:<6}"]
+            for key, width in (("params", 21), ("macs", 23)):
+                if f"{key}_before" in layer:
+                    columns.append(
+                        f"{layer[f'{key}_before']:>{width // 2},} -> {layer[f'{key}_after']:<{width // 2 - 3},}"
+                    )
+            print(f"  {layer['name']:<20} " + " ".join(columns))
 
 
 class CollapseTrainTool(TrainTool):
@@ -372,7 +384,7 @@ class CollapseTrainTool(TrainTool):
                 f"run {self.run!r} was collapsed with other collapse settings ({', '.join(differs)}): resume it "
                 "with those, or give this run its own name with run=..."
             )
-        if distributed.is_main() and (not written.exists() or written.read_text() != json.dumps(record, indent=2)):
+        if distributed.is_main() and (not written.exists() or written.read_text() != json_text(record)):
             write_json(written, record)
 
     def make_optimizer(self, policy: FastPolicy) -> torch.optim.Optimizer:

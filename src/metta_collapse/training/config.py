@@ -7,6 +7,7 @@ the number of agents, ...) run in `TrainTool.check`, after all overrides, before
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -301,10 +302,18 @@ def flatten(settings: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def json_text(payload: dict) -> str:
+    """Indented JSON with each list of numbers on one line (a partition lists a layer's units)."""
+    numbers = re.compile(r"\[[-+\d.eE,\s]*\]")
+    return numbers.sub(
+        lambda m: "[" + ", ".join(m.group()[1:-1].replace(",", " ").split()) + "]", json.dumps(payload, indent=2)
+    )
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Written whole or not at all (a kill leaves the previous file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(json_text(payload))
     os.replace(tmp, path)
 
 

@@ -11,7 +11,12 @@ from metta_collapse.training.config import ConfigError, TrainTool
 
 # what measures wall time: the only fields in which two runs of one command with one seed differ on one machine
 TIMING_FIELDS = frozenset(
-    {"metric/total_time", "overview/sps", "collapse/seconds", "collapse/seconds_record", "seconds", "seconds_record"}
+    {
+        f"{prefix}{name}"
+        for prefix in ("", "collapse/")
+        for name in ("seconds", "seconds_record", "seconds_per_step_before", "seconds_per_step_after")
+    }
+    | {"metric/total_time", "overview/sps"}
 )
 
 

@@ -105,6 +105,8 @@ def outcome(tool: CollapseTrainTool, baseline: Tool, epochs: int, size_weight: f
         "collapse.epoch_idx": record["source_epoch"],
         "collapse.budget.params": tool.collapse.budget.params,
         "kept": kept,
+        "kl_mean": record["kl_mean"],
+        "value_err": record["value_err"],
         "reward": reward,
         "baseline_reward": base_reward,
         "recovered": reward / base_reward,
