@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--smooth", type=positive_int, default=1, metavar="W", help="moving-average window (epochs)")
     compare.add_argument("--last", type=positive_int, default=10, metavar="K", help="epochs averaged (default 10)")
     compare.add_argument("--baseline", metavar="RUN", help="default: the first run without a collapse")
+    compare.add_argument("--group", action="store_true", help="summarise the runs of each arm (seeds) together")
     compare.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current directory)")
     compare.set_defaults(handler=run_compare)
     return parser
@@ -211,7 +212,7 @@ def run_compare(args: argparse.Namespace) -> None:
     if args.smooth > longest:
         raise report.ConfigError(f"--smooth {args.smooth} is longer than the longest run ({longest} epochs)")
     curves = [report.learning_curve(run, args.x, args.y, args.smooth) for run in runs]
-    summary = report.compare_summary(runs, curves, args.x, args.y, args.last, args.baseline)
+    summary = report.compare_summary(runs, curves, args.x, args.y, args.last, args.baseline, args.group)
     summary["smooth"] = args.smooth
     figure = report.plot_compare(curves, summary, args.smooth)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,15 @@ def write_metrics(run_dir: Path, rewards: dict[int, float], collapse: dict | Non
         for epoch, reward in rewards.items()
     ]
     if collapse is not None:
-        record = {"metric": "cosine", "thresholds": {}, "params_before": PARAMS, "seconds": 0.1, "layers": []}
+        record = {
+            "metric": "cosine",
+            "thresholds": {},
+            "params_before": PARAMS,
+            "seconds": 0.1,
+            "layers": [],
+            "kl_mean": 0.01,
+            "value_err": 0.2,
+        }
         (run_dir / "collapse.json").write_text(json.dumps({**record, **collapse}))
         for line in lines:
             if line["metric/epoch"] == collapse["epoch"]:
@@ -174,32 +182,53 @@ def test_compare_summarises_runs_against_the_baseline(train_dir: Path, tmp_path:
     summary, text = compare(train_dir, tmp_path, capsys, "base", "c1", "b1")
     # base's rewards are 1..10; its level before the collapse at step 500 is the mean of epochs 3..5
     assert summary["baseline"] == "base"
-    assert summary["collapse_x"] == 500
+    assert summary["collapse_x"] == 500 and summary["auc_span"] == [500, 1000]
     assert summary["baseline_before_collapse"] == 4.0
     rows = {row["run"]: row for row in summary["runs"]}
     assert rows["base"] == {
         "run": "base",
+        "arm": "baseline",
         "mode": None,
         "params": PARAMS,  # its latest checkpoint
+        "kept": None,
+        "kl_mean": None,
+        "value_err": None,
         "collapse_x": None,
         "last_mean": 9.0,
         # trapezoids of width 100 from step 500 on: 5.5 + 6.5 + 7.5 + 8.5 + 9.5
-        "auc_after_collapse": 3750.0,
+        "auc": 3750.0,
         "to_recover": None,
+        "difference": 0.0,
+        "difference_pct": 0.0,
     }
     # c1: 1 2 3 4 5 | 0 2 4 6 6, collapsed at step 500, reaches 4 at step 800
-    assert rows["c1"]["params"] == 1000 and rows["c1"]["mode"] == "fibration"
+    assert rows["c1"]["params"] == 1000 and rows["c1"]["arm"] == "cosine"
+    assert rows["c1"]["kept"] == 1000 / PARAMS and rows["c1"]["kl_mean"] == 0.01
     assert rows["c1"]["last_mean"] == pytest.approx(16 / 3)
-    assert rows["c1"]["auc_after_collapse"] == 100 * (2.5 + 1 + 3 + 5 + 6)
+    assert rows["c1"]["difference"] == pytest.approx(16 / 3 - 9)
+    assert rows["c1"]["difference_pct"] == pytest.approx((16 / 3 - 9) / 9)
+    assert rows["c1"]["auc"] == 100 * (2.5 + 1 + 3 + 5 + 6)
     assert rows["c1"]["to_recover"] == 300
     # b1 starts after the branch: 1 3 3 5 5 at steps 600..1000, reaches 4 at step 900
-    assert rows["b1"]["params"] == 1200
-    assert rows["b1"]["auc_after_collapse"] == 100 * (2 + 3 + 4 + 5)
+    assert rows["b1"]["params"] == 1200 and rows["b1"]["arm"] == "random_ablation"
+    assert rows["b1"]["auc"] == 100 * (2 + 3 + 4 + 5)
     assert rows["b1"]["to_recover"] == 400
 
-    assert table_row(text, "base") == ["base", "baseline", f"{PARAMS:,}", "9", "3750", "-"]
-    assert table_row(text, "c1") == ["c1", "fibration", "1,000", "5.333", "1750", "300"]
-    assert table_row(text, "b1") == ["b1", "random_ablation", "1,200", "4.333", "1400", "400"]
+    assert table_row(text, "base")[:2] == ["base", "baseline"] and table_row(text, "base")[-1] == "-"
+    kept = f"{1000 / PARAMS:.1%}"
+    assert table_row(text, "c1") == [
+        "c1",
+        "cosine",
+        kept,
+        "1.0e-02",
+        "2.0e-01",
+        "5.333",
+        "-3.667",
+        "-40.7%",
+        "1750",
+        "300",
+    ]
+    assert "every measure from the cut" in text and "AUC over 500-1,000" in text
     for suffix in ("png", "svg"):
         assert (tmp_path / f"compare.{suffix}").stat().st_size > 0
     assert "<svg" in (tmp_path / "compare.svg").read_text()[:1000]
@@ -220,15 +249,16 @@ def test_compare_smooths_each_side_of_the_collapse_apart(
     assert list(curve.smoothed) == [1, 1.5, 2.5, 3.5, 4.5, 0, 1, 3, 5, 6]
 
 
-def test_scratch_run_counts_from_step_0_but_is_not_the_collapse_point(
+def test_a_scratch_run_is_measured_from_the_cut_like_the_branches(
     train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
     summary, _ = compare(train_dir, tmp_path, capsys, "s1", "c1", "base")
     assert summary["collapse_x"] == 500 and summary["baseline"] == "base"
     scratch = summary["runs"][0]
-    assert scratch["collapse_x"] == 0
-    assert scratch["to_recover"] == 800  # 0 0 1 1 2 2 3 4: reaches 4 at step 800
-    assert scratch["auc_after_collapse"] == 100 * (0 + 0.5 + 1 + 1.5 + 2 + 2.5 + 3.5 + 4 + 4.5)
+    assert scratch["collapse_x"] == 500  # its step 0 placed at the cut
+    assert scratch["to_recover"] == 800  # 0 0 1 1 2 2 3 4: reaches 4 after 800 steps of its own
+    # the same span as the others, 500..1000: its first 5 epochs, 0 0 1 1 2 at 600..1000
+    assert summary["auc_span"] == [500, 1000] and scratch["auc"] == 100 * (0 + 0.5 + 1 + 1.5)
 
 
 def test_compare_against_wall_time(train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -236,15 +266,42 @@ def test_compare_against_wall_time(train_dir: Path, tmp_path: Path, capsys: pyte
     rows = {row["run"]: row for row in summary["runs"]}
     assert summary["collapse_x"] == 50.0
     assert rows["c1"]["to_recover"] == 30.0
-    assert rows["c1"]["auc_after_collapse"] == 10 * (2.5 + 1 + 3 + 5 + 6)
+    assert rows["c1"]["auc"] == 10 * (2.5 + 1 + 3 + 5 + 6)
     assert "to recover (s)" in text
 
 
-def test_compare_without_a_baseline_has_no_recovery(train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_compare_without_a_baseline_says_why_it_has_no_recovery(
+    train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     summary, text = compare(train_dir, tmp_path, capsys, "c1", "b1")
     assert summary["baseline"] is None and summary["baseline_before_collapse"] is None
-    assert all(row["to_recover"] is None for row in summary["runs"])
-    assert "to recover" not in text
+    assert all(row["to_recover"] is None and row["difference"] is None for row in summary["runs"])
+    assert "to recover" not in text and "vs baseline" not in text
+    assert "note: no baseline (a run without a collapse, or --baseline)" in text
+
+
+def test_a_mean_over_more_epochs_than_a_run_has_after_the_cut_says_so(
+    train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    code, text, err = run_cli(capsys, "compare", "base", "c1", "--train-dir", str(train_dir), "--out", str(tmp_path))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    assert {row["run"]: row["last_mean"] for row in summary["runs"]} == {"base": 8.0, "c1": 3.6}  # epochs 6..10
+    assert "note: c1: 5 epochs after the cut, fewer than --last 10: the mean is of those" in text
+
+
+def test_seeds_of_one_arm_are_grouped_with_their_spread(tmp_path: Path, capsys: pytest.CaptureFixture):
+    root = tmp_path / "runs"
+    write_metrics(root / "base", {epoch: float(epoch) for epoch in range(1, 7)})
+    for name, rewards in (("a0", [1, 2, 3, 2, 4, 6]), ("a1", [1, 2, 3, 4, 6, 8])):
+        record = {"epoch": 3, "agent_step": 300, "mode": "fibration", "params_after": 500, "kl_mean": 0.1}
+        write_metrics(root / name, {e: float(r) for e, r in enumerate(rewards, 1)}, record)
+    summary, text = compare(root, tmp_path, capsys, "base", "a0", "a1", "--group")
+    (baseline, arm) = summary["arms"]
+    assert baseline["runs"] == ["base"] and arm["runs"] == ["a0", "a1"] and arm["arm"] == "cosine"
+    assert arm["last_mean"] == pytest.approx(5.0) and arm["last_mean_std"] == pytest.approx(1.0)  # 4 and 6
+    assert arm["to_recover"] == 100  # both reach the baseline's 2.0 (epochs 1..3) at their first step after the cut
+    assert table_row(text, "cosine")[:2] == ["cosine", "2"] and "5±1" in text
 
 
 def one_line_error(capsys: pytest.CaptureFixture, *argv: str) -> str:

@@ -162,13 +162,16 @@ def print_record(record: dict) -> None:
         f"{record['agent_step']:,}: {record['params_before']:,} -> {record['params_after']:,} parameters "
         f"({kept:.1%} kept) in {record['seconds']:.2f}s\n"
         f"  per agent step: {record['macs_per_step_before']:,} -> {record['macs_per_step_after']:,} multiply-adds, "
-        f"{record['seconds_per_step_before'] * 1e6:.1f} -> {record['seconds_per_step_after'] * 1e6:.1f} us\n"
-        f"  what it changed, on the {record.get('measured_on', 'recent data')}:\n"
-        f"    KL(old || new) of the action distribution, mean {record['kl_mean']:.2e}, max {record['kl_max']:.2e}\n"
-        f"    value error max|v_new - v_old| / max|v_old| {record['value_err']:.2e}\n"
-        f"    most likely action unchanged {record.get('top1', float('nan')):.1%}\n"
-        f"  {'layer':<20} {'units':>15} {'parameters':>21} {'multiply-adds/step':>23}"
+        f"{record['seconds_per_step_before'] * 1e6:.1f} -> {record['seconds_per_step_after'] * 1e6:.1f} us"
     )
+    if record["mode"] != "scratch":  # a network trained from scratch is compared with nothing it learned
+        print(
+            f"  what it changed, on the {record.get('measured_on', 'recent data')}:\n"
+            f"    KL(old || new) of the action distribution, mean {record['kl_mean']:.2e}, max {record['kl_max']:.2e}\n"
+            f"    value error max|v_new - v_old| / max|v_old| {record['value_err']:.2e}\n"
+            f"    most likely action unchanged {record.get('top1', float('nan')):.1%}"
+        )
+    print(f"  {'layer':<20} {'units':>15} {'parameters':>21} {'multiply-adds/step':>23}")
     for layer in record["layers"]:
         if layer["width_after"] != layer["width_before"]:
             columns = [f"{layer['width_before']:>6} -> {layer['width_after']:<6}"]

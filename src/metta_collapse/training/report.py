@@ -250,12 +250,29 @@ def run_params(run: Run) -> int | None:
     return sum(param.numel() for param in policy_from_checkpoint(read_checkpoint(path)).parameters())
 
 
-def compare_summary(runs: list[Run], curves: list[Curve], x: str, y: str, last: int, baseline: str | None) -> dict:
-    """Per run: parameters, mean y over the last `last` epochs, area under y after the collapse, and how long after
-    the collapse its (smoothed) y first reaches the baseline's mean over the `last` epochs before the collapse.
+def arm(run: Run, baseline: str | None) -> str:
+    """A short label for the run's arm: what was done to it, not its name."""
+    if run.name == baseline or run.collapse is None:
+        return "baseline" if run.name == baseline else "uncollapsed"
+    settings = run.collapse.get("settings", {})
+    budget = settings.get("budget") or run.collapse.get("budget") or {}
+    size = next((f"{key} {value}" for key, value in budget.items() if value is not None), None)
+    plain = "" if run.collapse.get("refit", True) else " plain"
+    mode = {"fibration": run.collapse.get("metric", "fibration")}.get(
+        run.collapse.get("mode"), run.collapse.get("mode")
+    )
+    return f"{mode}{plain}" + (f", {size}" if size else "")
 
-    The collapse of a run without one is that of the first collapsed run not trained from scratch (a scratch run's
-    "collapse" is at step 0); the baseline is `baseline` or else the first run without a collapse."""
+
+def compare_summary(
+    runs: list[Run], curves: list[Curve], x: str, y: str, last: int, baseline: str | None, group: bool = False
+) -> dict:
+    """Per run, all from the cut (the first collapsed run's collapse, not a scratch run's): the mean y over its
+    last `last` epochs after the cut, the difference from the baseline's, the area under y over the span after
+    the cut that every run covers, and how long after the cut its (smoothed) y first reaches the baseline's mean
+    over the `last` epochs before it; the record's parameters kept, KL and value error. A scratch run starts at
+    the cut (its curve is moved there): it trains the small network while the branches train after the cut.
+    With `group`, runs of one arm (seeds) are summarised together, mean and spread (standard deviation)."""
     reference = next(
         (
             curve.collapse_x
@@ -266,6 +283,14 @@ def compare_summary(runs: list[Run], curves: list[Curve], x: str, y: str, last: 
     )
     if baseline is None:
         baseline = next((run.name for run in runs if run.collapse is None), None)
+    notes = []
+    if baseline is None:
+        notes.append("no baseline (a run without a collapse, or --baseline): no recovery or difference columns")
+    if reference is not None:
+        for run, curve in zip(runs, curves, strict=True):
+            if run.collapse is not None and run.collapse.get("mode") == "scratch":
+                curve.x, curve.collapse_x = curve.x + reference, reference
+    end = min(float(curve.x[-1]) for curve in curves)
     target = None
     if baseline is not None and reference is not None:
         base = next(curve for curve in curves if curve.name == baseline)
@@ -273,94 +298,153 @@ def compare_summary(runs: list[Run], curves: list[Curve], x: str, y: str, last: 
         target = float(before.mean()) if len(before) else None
     rows = []
     for run, curve in zip(runs, curves, strict=True):
-        start = curve.collapse_x if curve.collapse_x is not None else reference
-        after = curve.x >= start if start is not None else np.ones(len(curve.x), dtype=bool)
-        area = float(trapezoid(curve.y[after], curve.x[after])) if after.sum() >= 2 else None
+        after = curve.x > reference if reference is not None else np.ones(len(curve.x), dtype=bool)
+        tail = curve.y[after][-last:]
+        if len(tail) < last:
+            notes.append(
+                f"{run.name}: {len(tail)} epochs after the cut, fewer than --last {last}: the mean is of those"
+            )
+        window = (curve.x >= (reference or 0.0)) & (curve.x <= end)
         recover = None
-        if target is not None and start is not None and run.name != baseline:
-            reached = (curve.x > start) & (curve.smoothed >= target)
-            recover = float(curve.x[reached][0] - start) if reached.any() else None
+        if target is not None and run.name != baseline:
+            reached = after & (curve.smoothed >= target)
+            recover = float(curve.x[reached][0] - reference) if reached.any() else None
+        record = run.collapse or {}
+        if record.get("mode") == "scratch":  # its record compares the small network with its own random start
+            record = {key: value for key, value in record.items() if key not in ("kl_mean", "value_err")}
         rows.append(
             {
                 "run": run.name,
-                "mode": run.collapse.get("mode") if run.collapse else None,
+                "arm": arm(run, baseline),
+                "mode": record.get("mode"),
                 "params": run_params(run),
+                "kept": record["params_after"] / record["params_before"] if "params_before" in record else None,
+                "kl_mean": record.get("kl_mean"),
+                "value_err": record.get("value_err"),
                 "collapse_x": curve.collapse_x,
-                "last_mean": float(curve.y[-last:].mean()),
-                "auc_after_collapse": area,
+                "last_mean": float(tail.mean()) if len(tail) else None,
+                "auc": float(trapezoid(curve.y[window], curve.x[window])) if window.sum() >= 2 else None,
                 "to_recover": recover,
             }
         )
-    return {
+    base_mean = next((row["last_mean"] for row in rows if row["run"] == baseline), None)
+    for row in rows:
+        row["difference"] = None if None in (base_mean, row["last_mean"]) else row["last_mean"] - base_mean
+        row["difference_pct"] = (
+            None if row["difference"] is None or not base_mean else row["difference"] / abs(base_mean)
+        )
+    summary = {
         "x": x,
         "y": y,
         "last": last,
         "baseline": baseline,
         "collapse_x": reference,
+        "auc_span": None if reference is None else [reference, end],
         "baseline_before_collapse": target,
         "runs": rows,
+        "notes": notes,
     }
+    if group:
+        summary["arms"] = group_rows(rows)
+    return summary
+
+
+def group_rows(rows: list[dict]) -> list[dict]:
+    """The runs of each arm together: the mean and standard deviation of each measure, over the runs that have it;
+    `to_recover` only if every run recovered."""
+    arms = []
+    for label in dict.fromkeys(row["arm"] for row in rows):
+        members = [row for row in rows if row["arm"] == label]
+        summary = {"arm": label, "runs": [row["run"] for row in members]}
+        for key in ("kept", "kl_mean", "value_err", "last_mean", "difference", "difference_pct", "auc", "to_recover"):
+            values = [row[key] for row in members if row[key] is not None]
+            complete = len(values) == len(members) or key != "to_recover"
+            summary[key] = float(np.mean(values)) if values and complete else None
+            summary[f"{key}_std"] = float(np.std(values)) if values and complete else None
+        arms.append(summary)
+    return arms
 
 
 def compare_table(summary: dict) -> str:
     x_unit, decimals = ("agent steps", 0) if summary["x"] == "agent_step" else ("s", 1)
-    rows = [
-        (
-            "run",
-            "mode",
-            "params",
-            f"last {summary['last']} mean",
-            "AUC after collapse",
-            f"to recover ({x_unit})",
-        )
+    grouped = "arms" in summary
+    has_baseline = summary["baseline"] is not None
+
+    def cell(row: dict, key: str, spec: str) -> str:
+        if row.get(key) is None:
+            return "never" if key == "to_recover" and row.get("arm") != "baseline" and has_baseline else "-"
+        text = format(row[key], spec)
+        spread = row.get(f"{key}_std")
+        return text if not grouped or spread is None else f"{text}±{format(spread, spec)}"
+
+    columns = [
+        ("kept", "kept", ".1%"),
+        ("kl_mean", "KL", ".1e"),
+        ("value_err", "value err", ".1e"),
+        ("last_mean", f"last {summary['last']} mean", ".4g"),
+        ("difference", "vs baseline", "+.4g"),
+        ("difference_pct", "%", "+.1%"),
+        ("auc", "AUC", ".4g"),
+        ("to_recover", f"to recover ({x_unit})", f",.{decimals}f"),
     ]
-    for row in summary["runs"]:
-        is_baseline = row["run"] == summary["baseline"]
-        recover = "never" if row["to_recover"] is None else f"{row['to_recover']:,.{decimals}f}"
-        rows.append(
-            (
-                row["run"],
-                "baseline" if is_baseline else row["mode"] or "-",
-                "-" if row["params"] is None else f"{row['params']:,}",
-                f"{row['last_mean']:.4g}",
-                "-" if row["auc_after_collapse"] is None else f"{row['auc_after_collapse']:.4g}",
-                "-" if is_baseline else recover,
-            )
-        )
-    lines = [f"{summary['y']} vs {summary['x']}"]
-    target = summary["baseline_before_collapse"]
-    if target is not None:
+    if not has_baseline:
+        columns = [column for column in columns if column[0] not in ("difference", "difference_pct", "to_recover")]
+    first = ("arm", "runs") if grouped else ("run", "arm")
+    table = [(*first, *(title for _, title, _ in columns))]
+    for row in summary["arms"] if grouped else summary["runs"]:
+        lead = (row["arm"], str(len(row["runs"]))) if grouped else (row["run"], row["arm"])
+        table.append((*lead, *(cell(row, key, spec) for key, _, spec in columns)))
+    lines = [f"{summary['y']} vs {summary['x']}, every measure from the cut"]
+    if summary["collapse_x"] is not None:
         lines.append(
-            f"baseline {summary['baseline']}, mean over the {summary['last']} epochs up to the collapse at "
-            f"{summary['collapse_x']:,.{decimals}f}: {target:.4g}"
+            f"cut at {summary['collapse_x']:,.{decimals}f}; AUC over {summary['auc_span'][0]:,.{decimals}f}-"
+            f"{summary['auc_span'][1]:,.{decimals}f}, the span every run covers; kept, KL (mean, of the action "
+            "distribution) and value error (max|dv|/max|v|) from each collapse's record"
         )
-    else:
-        # no baseline level to reach: the column would only say "never"
-        rows = [row[:-1] for row in rows]
-    return "\n".join([*lines, format_table(rows)])
+    if summary["baseline_before_collapse"] is not None:
+        lines.append(
+            f"baseline {summary['baseline']}, mean over the {summary['last']} epochs up to the cut: "
+            f"{summary['baseline_before_collapse']:.4g} (the level 'to recover' counts to)"
+        )
+    lines += [f"note: {note}" for note in summary["notes"]]
+    return "\n".join([*lines, format_table(table)])
 
 
 def plot_compare(curves: list[Curve], summary: dict, window: int = 1) -> Figure:
-    """The learning curves (smoothed, raw ones faint behind), each collapse as a dashed line in its run's colour."""
-    figure = Figure(figsize=(10, 6), layout="constrained")
+    """The learning curves (smoothed, raw ones faint behind; with arms, their mean and spread), one line at the cut.
+    A branch is drawn from the cut on: before it, its history is its source's."""
+    figure = Figure(figsize=(10, 5.5), layout="constrained")
     axes = figure.subplots()
-    for index, (curve, row) in enumerate(zip(curves, summary["runs"], strict=True)):
-        color = f"C{index}"
-        if window > 1:
-            axes.plot(curve.x, curve.y, color=color, alpha=0.25, linewidth=0.8)
-        params = "" if row["params"] is None else f" ({row['params']:,} params)"
-        axes.plot(curve.x, curve.smoothed, color=color, linewidth=1.8, label=f"{curve.name}{params}")
-        if curve.collapse_x is not None:
-            axes.axvline(curve.collapse_x, color=color, linestyle="--", linewidth=1, label=f"{curve.name} collapse")
+    rows = {row["run"]: row for row in summary["runs"]}
+    cut = summary["collapse_x"]
+
+    def shown(curve: Curve) -> np.ndarray:
+        branched = rows[curve.name]["mode"] is not None and cut is not None
+        return curve.x >= cut if branched else np.ones(len(curve.x), dtype=bool)
+
+    if "arms" in summary:
+        for index, group in enumerate(summary["arms"]):
+            members = [curve for curve in curves if curve.name in group["runs"]]
+            xs = np.unique(np.concatenate([curve.x[shown(curve)] for curve in members]))
+            ys = np.array([np.interp(xs, curve.x, curve.smoothed, left=np.nan, right=np.nan) for curve in members])
+            label = f"{group['arm']} ({len(members)} runs)"
+            axes.plot(xs, np.nanmean(ys, axis=0), color=f"C{index}", linewidth=1.8, label=label)
+            axes.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=f"C{index}", alpha=0.15)
+    else:
+        labels = [rows[curve.name]["arm"] for curve in curves]
+        for index, curve in enumerate(curves):
+            mask, color = shown(curve), f"C{index}"
+            if window > 1:
+                axes.plot(curve.x[mask], curve.y[mask], color=color, alpha=0.25, linewidth=0.8)
+            repeated = labels.count(labels[index]) > 1
+            label = f"{labels[index]}: {curve.name}" if repeated else labels[index]
+            axes.plot(curve.x[mask], curve.smoothed[mask], color=color, linewidth=1.8, label=label)
+    if cut is not None:
+        axes.axvline(cut, color="black", linestyle="--", linewidth=1, label="the cut (collapse)")
     if summary["baseline_before_collapse"] is not None:
-        axes.axhline(
-            summary["baseline_before_collapse"],
-            color="gray",
-            linestyle=":",
-            label=f"{summary['baseline']} before the collapse",
-        )
+        axes.axhline(summary["baseline_before_collapse"], color="gray", linestyle=":", label="baseline before the cut")
     axes.set_xlabel(X_LABELS[summary["x"]])
     axes.set_ylabel(summary["y"] if window == 1 else f"{summary['y']} (moving average of {window})")
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.grid(alpha=0.3)
     return figure
