@@ -153,6 +153,7 @@ def run_analyze(args: argparse.Namespace) -> None:
             return
         print(
             f"{path.name}: run {checkpoint['run']}, epoch {checkpoint['epoch']}, agent step {checkpoint['agent_step']}"
+            f", {report.checkpoint_state(checkpoint)}"
         )
         print(plan.table())
         print(

@@ -143,7 +143,9 @@ def test_analyze_run_writes_the_symmetry_curve(train_dir: Path, capsys: pytest.C
     assert code == 0
     expected = [(1, 100, PARAMS), (2, 200, CRITIC_HALVED), (3, 300, BOTH_HALVED)]
     for epoch, step, kept in expected:
-        assert table_row(out, str(epoch)) == [str(epoch), str(step), str(PARAMS), str(kept), f"{kept / PARAMS:.3f}"]
+        assert table_row(out, str(epoch))[:5] == [str(epoch), str(step), str(PARAMS), str(kept), f"{kept / PARAMS:.3f}"]
+    header = next(re.split(r"\s{2,}", line.strip()) for line in out.splitlines() if line.startswith("epoch"))
+    assert [table_row(out, str(epoch))[header.index("critic_1")] for epoch in (1, 2, 3)] == ["8/8", "4/8", "4/8"]
 
     curve = json.loads((train_dir / "base" / "symmetry.json").read_text())
     points = curve["points"]
@@ -159,7 +161,32 @@ def test_analyze_run_writes_the_symmetry_curve(train_dir: Path, capsys: pytest.C
     assert list(lines["parameters"].get_xdata()) == [100, 200, 300]
     assert list(lines["parameters"].get_ydata()) == pytest.approx([kept / PARAMS for *_, kept in expected])
     assert list(lines["actor_1"].get_ydata()) == [1.0, 1.0, 0.5]
-    assert {"cnn1", "lstm2", "critic_1", "value"} <= set(lines)
+    assert "critic_1" in lines and any(label.startswith("cnn1, cnn2, fc1 +") for label in lines)  # one line at 1.0
+
+
+def test_analyze_measures_a_collapsed_run_against_its_original_network(tmp_path: Path, capsys: pytest.CaptureFixture):
+    run_dir = tmp_path / "c2"
+    save(run_dir, tiny_policy(()), 1)
+    small = FastPolicy(FastCore(3, 11, 11, 5, dict(WIDTHS, critic_1=4)), 11, 11, torch.ones(3))
+    small_params = sum(p.numel() for p in small.parameters())
+    layers = [{"name": "critic_1", "kind": "critic", "width_before": 8, "width_after": 4, "partition": []}]
+    record = {"mode": "fibration", "epoch": 2, "agent_step": 200, "params_before": PARAMS, "params_after": small_params}
+    optimizer = torch.optim.Adam(small.parameters())
+    extra = {"collapse": record | {"layers": layers}}
+    path = save_checkpoint(run_dir / "checkpoints", "c2", small, optimizer, 2, 200, 20.0, extra=extra)
+
+    code, out, _ = run_cli(capsys, "analyze", str(path), "--metric", "exact")
+    assert code == 0 and f"already collapsed (fibration) at epoch 2: {PARAMS:,} -> {small_params:,}" in out
+    assert "(exact, tolerance 0.0001)" in out and "thresholds" not in out
+
+    code, out, _ = run_cli(capsys, "analyze", "c2", "--train-dir", str(tmp_path), "--metric", "exact")
+    curve = json.loads((run_dir / "symmetry.json").read_text())
+    assert curve["collapsed_at"] == 200 and [p["collapsed"] for p in curve["points"]] == [False, True]
+    assert [p["kept_fraction"] for p in curve["points"]] == [1.0, small_params / PARAMS]  # of the original network
+    assert [p["layers"]["critic_1"]["kept_fraction"] for p in curve["points"]] == [1.0, 0.5]
+    assert table_row(out, "2*")[:2] == ["2*", "200"] and "* a checkpoint already collapsed" in out
+    cut = [line for line in plot_symmetry(curve).axes[0].get_lines() if line.get_label() == "the run's collapse"]
+    assert list(cut[0].get_xdata()) == [200, 200]
 
 
 def test_analyze_every_nth_checkpoint_keeps_the_last_and_writes_to_out(

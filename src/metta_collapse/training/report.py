@@ -78,8 +78,22 @@ def analyze_checkpoint(path: Path, config: mc.CollapseConfig) -> tuple[dict, mc.
 
 
 def describe_config(config: mc.CollapseConfig) -> str:
+    """The metric and the settings it uses."""
+    if config.metric == "exact":
+        return f"exact, tolerance {config.tolerance}"
     thresholds = " ".join(f"{name}={value}" for name, value in config.thresholds.model_dump().items())
     return f"{config.metric}, thresholds {thresholds}"
+
+
+def checkpoint_state(checkpoint: dict) -> str:
+    """Whether the checkpoint's policy is already collapsed, as its record says."""
+    record = checkpoint.get("extra", {}).get("collapse")
+    if record is None:
+        return "not collapsed"
+    return (
+        f"already collapsed ({record['mode']}) at epoch {record['epoch']}: {record['params_before']:,} -> "
+        f"{record['params_after']:,} parameters"
+    )
 
 
 def symmetry_curve(
@@ -95,24 +109,36 @@ def symmetry_curve(
     chosen = checkpoints[::every]
     if chosen[-1] != checkpoints[-1]:
         chosen.append(checkpoints[-1])
-    points = []
+    points, original, collapsed_at = [], None, None
     for done, path in enumerate(chosen, 1):
         checkpoint, plan = analyze_checkpoint(path, config)
+        record = checkpoint.get("extra", {}).get("collapse")
+        if record is not None and collapsed_at is None:
+            collapsed_at = record["agent_step"]
+        # fractions of the network the run started with: across a collapse the checkpoint's own network shrinks
+        original = original or {
+            "params": record["params_before"] if record else plan.params_before,
+            **{layer["name"]: layer["width_before"] for layer in (record or {}).get("layers", [])},
+            **({} if record else {layer.name: layer.width_before for layer in plan.layers}),
+        }
         points.append(
             {
                 "checkpoint": path.name,
                 "epoch": checkpoint["epoch"],
                 "agent_step": checkpoint["agent_step"],
                 "wall_time": checkpoint["wall_time"],
+                "collapsed": record is not None,
                 "params_before": plan.params_before,
                 "params_after": plan.params_after,
-                "kept_fraction": plan.kept_fraction,
+                "kept_fraction": plan.params_after / original["params"],
                 "layers": {
                     layer.name: {
                         "kind": layer.kind,
                         "width_before": layer.width_before,
                         "width_after": layer.width_after,
-                        "kept_fraction": layer.width_after / layer.width_before if layer.width_before else 1.0,
+                        "kept_fraction": layer.width_after / original.get(layer.name, layer.width_before)
+                        if layer.width_before
+                        else 1.0,
                     }
                     for layer in plan.layers
                 },
@@ -120,7 +146,13 @@ def symmetry_curve(
         )
         if progress is not None:
             progress(path, done, len(chosen))
-    return {"run": run_dir.name, "config": config.model_dump(), "points": points}
+    return {
+        "run": run_dir.name,
+        "config": config.model_dump(),
+        "original_params": original["params"],
+        "collapsed_at": collapsed_at,
+        "points": points,
+    }
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
@@ -138,40 +170,60 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 
 def symmetry_table(curve: dict) -> str:
-    rows = [("epoch", "agent_step", "params", "kept params", "kept fraction")]
+    """Per checkpoint: parameters a collapse would keep, of the run's original network, and each layer's units."""
+    names = list(dict.fromkeys(name for point in curve["points"] for name in point["layers"]))
+    rows = [("epoch", "agent_step", "params", "would keep", "of original", *names)]
     for point in curve["points"]:
+        layers = point["layers"]
         rows.append(
             (
-                str(point["epoch"]),
+                f"{point['epoch']}{'*' if point['collapsed'] else ''}",
                 str(point["agent_step"]),
                 str(point["params_before"]),
                 str(point["params_after"]),
                 f"{point['kept_fraction']:.3f}",
+                *(
+                    f"{layers[name]['width_after']}/{layers[name]['width_before']}" if name in layers else "-"
+                    for name in names
+                ),
             )
         )
-    return format_table(rows)
+    note = f"of original: of the run's {curve['original_params']:,} parameters before any collapse"
+    if curve["collapsed_at"] is not None:
+        note += f"; * a checkpoint already collapsed (at agent step {curve['collapsed_at']:,})"
+    return format_table(rows) + f"\n{note}; layers: units kept/units now"
 
 
 def plot_symmetry(curve: dict) -> Figure:
-    """Kept fraction vs agent steps: one thin line per layer (kept units), a thick one for all parameters."""
+    """Kept fraction of the original network vs agent steps: a thick line for all parameters, a thin one per layer
+    (layers whose lines coincide share one), the collapse marked."""
     figure = Figure(figsize=(9, 5.5), layout="constrained")
     axes = figure.subplots()
     points = curve["points"]
     names = list(dict.fromkeys(name for point in points for name in point["layers"]))
+    series: dict[tuple, list[str]] = {}
+    for name in names:
+        line = tuple(
+            (point["agent_step"], round(point["layers"][name]["kept_fraction"], 6))
+            for point in points
+            if name in point["layers"]
+        )
+        series.setdefault(line, []).append(name)
     colors = colormaps["tab20"]
-    for index, name in enumerate(names):
-        present = [point for point in points if name in point["layers"]]
-        steps = [point["agent_step"] for point in present]
-        fractions = [point["layers"][name]["kept_fraction"] for point in present]
-        axes.plot(steps, fractions, label=name, linewidth=1.2, color=colors(index % colors.N))
+    for index, (line, members) in enumerate(series.items()):
+        steps, fractions = zip(*line, strict=True)
+        label = ", ".join(members) if len(members) < 4 else f"{', '.join(members[:3])} +{len(members) - 3}"
+        axes.plot(steps, fractions, label=label, linewidth=1.2, color=colors(index % colors.N), marker=".")
     steps = [point["agent_step"] for point in points]
     kept = [point["kept_fraction"] for point in points]
     axes.plot(steps, kept, label="parameters", color="black", linewidth=2.5, marker="o")
+    if curve["collapsed_at"] is not None:
+        axes.axvline(curve["collapsed_at"], color="gray", linestyle="--", label="the run's collapse")
     axes.set_xlabel("agent steps")
-    axes.set_ylabel("fraction a collapse would keep")
+    axes.set_ylabel("fraction of the original network a collapse would keep")
     axes.set_ylim(0, 1.05)
     axes.set_title(f"{curve['run']}: symmetry over training ({describe_config(mc.CollapseConfig(**curve['config']))})")
-    axes.legend(fontsize="small", ncols=2)
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.grid(alpha=0.3)
     return figure
 
