@@ -196,6 +196,7 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
     policy = policy.to(tool.device)
     num_params = sum(p.numel() for p in policy.parameters())
     if main:
+        print(f"run {tool.run} in {tool.run_dir}")
         print(
             f"policy {tool.policy_architecture.name}: {num_params:,} parameters"
             + (f", {world} processes" if world > 1 else "")
@@ -276,4 +277,9 @@ def print_progress(metrics: dict[str, float], total: int) -> None:
     )
     if "env_agent/heart.gained" in metrics:
         line += f" | hearts/episode {metrics['env_agent/heart.gained']:.2f}"
+    losses = [(name, metrics.get(f"losses/{key}")) for name, key in LOSSES]
+    line += "".join(f" | {name} {value:.3g}" for name, value in losses if value is not None)
     print(line + f" | {metrics['metric/total_time']:.0f}s", flush=True)
+
+
+LOSSES = (("policy loss", "policy_loss"), ("value loss", "value_loss"), ("entropy", "entropy"))
