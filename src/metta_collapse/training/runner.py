@@ -75,12 +75,12 @@ def load_function(target: str) -> object:
 
 def build_tool(argv: list[str]) -> "Tool":
     """Parse the command line, call the recipe function and apply the overrides: everything but invoking."""
+    target, args, overrides, september = parse_command_line(argv)
     # imported here: the recipe needs them anyway, `--help` and a malformed command line do not
     from pydantic import TypeAdapter, ValidationError
 
     from metta_collapse.training.config import Tool, apply_override
 
-    target, args, overrides, september = parse_command_line(argv)
     function = load_function(target)
     parameters = inspect.signature(function).parameters
     kwargs = {}
