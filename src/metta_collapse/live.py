@@ -374,6 +374,30 @@ def agree(error: str | None, policy: nn.Module, optimizer: torch.optim.Optimizer
     return errors
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, saved: torch.optim.Optimizer) -> None:
-    """Put back, in place (schedulers hold the object), a copy of the optimizer taken with its policy's copy."""
-    optimizer.param_groups, optimizer.state = saved.param_groups, saved.state
+def collapse_replicas(
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    buffers: list[PackedState],
+    replicated: bool,
+    collapse: Callable[[], dict],
+) -> tuple[nn.Module, dict | None, list[str], Exception | None]:
+    """Run `collapse` (of `policy`, `optimizer` and `buffers` in place, all or nothing, on the same data in every
+    process). Unless every process collapsed and the replicas are bit-identical, each puts back what it had: one
+    that failed already has, one that collapsed takes back a copy made before (`replicated`: other processes hold
+    replicas). Returns the policy to train (this one, or that copy), the record (None unless all collapsed), what
+    went wrong where ([] if nothing) and this process's own error."""
+    saved = copy.deepcopy((policy, optimizer)) if replicated else None
+    saved_buffers = [(buffer.holder, buffer.key, buffer.holder[buffer.key]) for buffer in buffers]
+    record, error, cause = None, None, None
+    try:
+        record = collapse()
+    except Exception as failure:
+        error, cause = f"{type(failure).__name__}: {failure}", failure
+    errors = agree(error, policy, optimizer)
+    if errors and error is None and saved is not None:
+        policy, copied = saved
+        # in place: the trainer and its learning-rate scheduler hold this optimizer object
+        optimizer.param_groups, optimizer.state = copied.param_groups, copied.state
+        for holder, key, tensor in saved_buffers:
+            holder[key] = tensor
+    return policy, None if errors else record, errors, cause

@@ -14,7 +14,7 @@ from torch import nn
 import metta_collapse as mc
 from metta_collapse.activations import collapsed_inputs
 from metta_collapse.integrations.fast import Era, FastLayout, find_fast
-from metta_collapse.live import Data, agree, collapse_live, restore_optimizer
+from metta_collapse.live import Data, collapse_live, collapse_replicas
 
 # set on the agent after a collapse; September checkpoints pickle the agent, so a resumed run sees it
 MARKER = "metta_collapse_record"
@@ -249,16 +249,8 @@ class CollapseHook:
             return None
         wrapped = isinstance(agent, nn.parallel.DistributedDataParallel)
         replica = agent.module if wrapped else agent
-        saved = copy.deepcopy((replica, optimizer)) if wrapped else None  # one that collapsed may have to go back
-        error, cause = None, None
-        try:
-            record = collapse_agent(replica, optimizer, self.era, self.section, rollouts)
-        except Exception as failure:  # collapse_agent left this replica and the optimizer as they were
-            error, cause = f"{type(failure).__name__}: {failure}", failure
-        errors = agree(error, replica, optimizer)
-        if errors and error is None and saved is not None:
-            replica, saved_optimizer = saved
-            restore_optimizer(optimizer, saved_optimizer)
+        collapse = functools.partial(collapse_agent, replica, optimizer, self.era, self.section, rollouts)
+        replica, record, errors, cause = collapse_replicas(replica, optimizer, [], wrapped, collapse)
         if wrapped:  # Metta's DistributedPolicy(policy, device), rebuilt in place: whoever holds it trains on
             type(agent).__init__(agent, replica, next(replica.parameters()).device)
         self.unwatch()

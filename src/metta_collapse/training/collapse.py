@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 import metta_collapse as mc
-from metta_collapse.live import Data, PackedState, agree, collapse_live, restore_optimizer
+from metta_collapse.live import Data, PackedState, collapse_live, collapse_replicas
 from metta_collapse.training import distributed
 from metta_collapse.training.checkpoint import (
     checkpoint_epochs,
@@ -445,20 +445,13 @@ class CollapseTrainTool(TrainTool):
             for name, holder in (("lstm_h", trainer.lstm_h), ("lstm_c", trainer.lstm_c))
             for key in holder
         ]
-        # every replica collapses on the same data; one that fails puts itself back, the others need a copy
-        saved = copy.deepcopy((policy, state.optimizer)) if state.world > 1 else None
-        saved_buffers = [(buffer.holder, buffer.key, buffer.holder[buffer.key]) for buffer in buffers]
-        error = None
-        try:
-            record = self.collapse_policy(policy, state.optimizer, data, buffers)
-        except Exception as failure:  # the policy, optimizer and buffers are as they were
-            error = f"{type(failure).__name__}: {failure}"
-        errors = agree(error, policy, state.optimizer)
-        if errors and error is None and saved is not None:  # this replica collapsed: put back the copy
-            policy, optimizer = saved
-            restore_optimizer(state.optimizer, optimizer)
-            for holder, key, tensor in saved_buffers:
-                holder[key] = tensor
+        policy, record, errors, _ = collapse_replicas(
+            policy,
+            state.optimizer,
+            buffers,
+            state.world > 1,
+            lambda: self.collapse_policy(policy, state.optimizer, data, buffers),
+        )
         state.train_policy(policy)  # on every rank together: a new replica wrapper is a collective
         if errors:
             self.record_failure(state, "; ".join(errors), pre_collapse if main else None)

@@ -306,14 +306,12 @@ def arm(run: Run, baseline: str | None) -> str:
     """A short label for the run's arm: what was done to it, not its name."""
     if run.name == baseline or run.collapse is None:
         return "baseline" if run.name == baseline else "uncollapsed"
-    settings = run.collapse.get("settings", {})
-    budget = settings.get("budget") or run.collapse.get("budget") or {}
-    size = next((f"{key} {value}" for key, value in budget.items() if value is not None), None)
-    plain = "" if run.collapse.get("refit", True) else " plain"
-    mode = {"fibration": run.collapse.get("metric", "fibration")}.get(
-        run.collapse.get("mode"), run.collapse.get("mode")
-    )
-    return f"{mode}{plain}" + (f", {size}" if size else "")
+    record = run.collapse
+    # a fibration's arm is its choice of units
+    label = record.get("metric", "fibration") if record.get("mode") == "fibration" else record.get("mode")
+    size = next((f"{key} {value}" for key, value in (record.get("budget") or {}).items() if value is not None), None)
+    plain = "" if record.get("refit", True) else " plain"
+    return f"{label}{plain}" + (f", {size}" if size else "")
 
 
 def compare_summary(
