@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from metta_collapse.training.arena import (
     OBS_HEIGHT,
@@ -11,6 +12,7 @@ from metta_collapse.training.arena import (
     make_env,
     make_small_arena,
 )
+from metta_collapse.training.rollout import rollouts
 
 # the agent has a mine to its west, a generator to its east and an altar to its south
 MAP = [
@@ -76,3 +78,29 @@ def test_small_arena_is_fixed_and_shares_the_task():
     obs, _ = env.reset()
     assert obs.shape == (game.num_agents, 200, 3)
     assert env.single_action_space.n == 5
+
+
+class Script:
+    """A stand-in policy that takes the given actions, one per step, whatever it observes."""
+
+    def __init__(self, actions: list[int], num_actions: int):
+        self.feature_scale = torch.ones(1)
+        self.logits = torch.full((len(actions), num_actions), -torch.inf)
+        self.logits[torch.arange(len(actions)), actions] = 0.0
+        self.step = 0
+
+    def forward_eval(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        self.step += 1
+        return self.logits[self.step - 1 : self.step], torch.zeros(1)
+
+
+@pytest.mark.parametrize(("steps", "hearts", "reward"), [(4, 0.0, 1.0), (6, 2.0, 2.0)])
+def test_rollouts_count_the_hearts_and_reward_of_the_episode_to_its_last_step(steps: int, hearts: float, reward: float):
+    cfg = make_ascii_arena(MAP, max_steps=6)
+    names = make_env(cfg).current_simulation.action_names
+    script = ["move_west", "move_west", "move_east", "move_east", "move_south", "move_south"]
+    policy = Script([names.index(name) for name in script], len(names))
+    observations, copies, outcome = rollouts(policy, cfg, copies=1, steps=steps, seed=0)
+    assert observations.shape[:2] == (1, steps) and copies.tolist() == [0]
+    # steps=6 ends the episode: its simulation is read before the next step would replace it
+    assert outcome["hearts"].tolist() == [hearts] and outcome["reward"].tolist() == pytest.approx([reward])

@@ -1,5 +1,6 @@
 """experiments.recipes.collapse_arena: collapse in the live run, branches from a baseline, null models."""
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from metta_collapse.training.checkpoint import (
 )
 from metta_collapse.training.collapse import CollapseTrainTool
 from metta_collapse.training.config import ConfigError
-from metta_collapse.training.metrics import read_metrics
+from metta_collapse.training.metrics import TIMING_FIELDS, read_metrics
 from metta_collapse.training.policy import DEFAULT_WIDTHS, architecture, build_policy, make_policy
 from metta_collapse.training.runner import build_tool
 from metta_collapse.training.trainer import train
@@ -33,6 +34,7 @@ def collapse_tool(tmp_path: Path, run: str | None, epochs: int, **collapse: obje
     tool = CollapseTrainTool(**{name: getattr(base, name) for name in type(base).model_fields})
     tool.run = run
     tool.collapse.fit_steps = 1024  # the least a basis takes: fresh rollouts stay short
+    tool.collapse.eval_steps = 32
     for key, value in collapse.items():
         target = tool.collapse.thresholds if key in ("linear", "cnn", "lstm", "critic") else tool.collapse
         setattr(target, key, value)
@@ -52,7 +54,7 @@ def planted_run(tmp_path: Path, run: str, tool: CollapseTrainTool) -> None:
 
 
 def test_exact_collapse_of_a_trained_planted_policy_in_the_runtime(tmp_path: Path):
-    tool = collapse_tool(tmp_path, "planted", 3, epoch_idx=2, metric="exact")
+    tool = collapse_tool(tmp_path, "planted", 3, epoch_idx=2, metric="exact", eval_steps=256)
     planted_run(tmp_path, "planted", tool)
     final = train(tool, on_epoch_end=tool.on_epoch_end)
     record = json.loads((tmp_path / "planted" / "collapse.json").read_text())
@@ -68,9 +70,14 @@ def test_exact_collapse_of_a_trained_planted_policy_in_the_runtime(tmp_path: Pat
     }
     assert record["params_after"] < record["params_before"]
     assert record["kl_max"] <= 1e-6 and record["value_err"] <= 1e-5
+    # the same behaviour on the same maps with the same draws: the task evaluation sees no difference at all
+    assert record["eval_whole_episodes"] and (record["eval_maps"], record["eval_agents"]) == (4, 24)
+    assert record["reward_before"] == record["reward_after"] > 0 and record["hearts_before"] == record["hearts_after"]
+    assert 0 < record["seconds_eval"] <= 2 and "collapse/seconds_eval" in TIMING_FIELDS
     assert final.policy.hidden_size == NARROW["lstm1"] + NARROW["lstm2"]
     metrics = read_metrics(tmp_path / "planted" / "metrics.jsonl")
     assert metrics[1]["collapse/params_after"] == record["params_after"] and len(metrics) == 3
+    assert metrics[1]["collapse/reward_after"] == record["reward_after"]
     pre = list((tmp_path / "planted" / "checkpoints").glob("*.precollapse.pt"))
     assert len(pre) == 1 and load_checkpoint(pre[0])["architecture"]["widths"]["lstm1"] == 2 * NARROW["lstm1"]
 
@@ -283,8 +290,6 @@ def test_live_symmetry_logs_what_a_collapse_would_do_now(tmp_path: Path):
 
 
 def test_one_command_with_one_seed_repeats_exactly_apart_from_the_timing_fields(tmp_path: Path):
-    from metta_collapse.training.metrics import TIMING_FIELDS
-
     runs = []
     for run in ("first", "second"):
         collapse_tool(tmp_path, run, 4, epoch_idx=2).invoke()
@@ -309,3 +314,23 @@ def test_a_resumed_run_draws_afresh_instead_of_replaying_its_opening(tmp_path: P
     train(tool, on_epoch_end=draw)
     assert sorted(draws) == [1, 2, 3, 4]
     assert draws[3] != draws[1]  # the resumed segment's first epoch against the opening's
+
+
+def test_the_task_evaluation_plays_both_policies_alike_and_tells_them_apart(tmp_path: Path):
+    tool = collapse_tool(tmp_path, "evaluated", 1, eval_steps=64)
+    vecenv = make_vecenv(make_small_arena(), 1)
+    policy = make_policy(vecenv.driver_env)
+    noop = vecenv.driver_env.current_simulation.action_names.index("noop")
+    vecenv.close()
+    same = tool.evaluate_in_task(policy, copy.deepcopy(policy), epoch=3)
+    assert same["reward_before"] == same["reward_after"] > 0 and same["hearts_se_before"] == same["hearts_se_after"]
+    assert (same["eval_steps"], same["eval_maps"], same["eval_agents"], same["eval_whole_episodes"]) == (
+        64,
+        4,
+        24,
+        False,
+    )
+    idle = copy.deepcopy(policy)
+    idle.forward_eval = lambda tokens, state: (torch.eye(5)[noop].log().expand(len(tokens), 5), None)
+    changed = tool.evaluate_in_task(policy, idle, epoch=3)
+    assert changed["reward_before"] == same["reward_before"] and changed["reward_after"] == changed["hearts_after"] == 0

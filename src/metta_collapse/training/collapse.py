@@ -6,6 +6,7 @@ The policy's `core` (feature box -> heads) is what the engine analyses and rewri
 import copy
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -120,6 +121,9 @@ class CollapseSection(Config):
     optimizer_state: Literal["remap", "reset"] = "remap"
     recurrent_state: Literal["map", "reset"] = "map"
     seed: int = 0
+    # steps of the task evaluation after the cut (both policies on the same fresh maps, at most one episode;
+    # 24 agents' worth of arena copies); 0: none
+    eval_steps: int = Field(default=256, ge=0)
 
     def check(self) -> None:
         try:
@@ -133,7 +137,7 @@ class CollapseSection(Config):
     def settings(self) -> dict:
         """Every field that shapes a branch or a collapse, its source run and epoch included (the resume check
         compares them); not the switches."""
-        return self.model_dump(exclude={"enabled", "symmetry_interval"})
+        return self.model_dump(exclude={"enabled", "symmetry_interval", "eval_steps"})
 
     def branch_name(self) -> str:
         """The study's names, {src}_epoch_{E}_{base|ablationsrandom|small_scratch}_{linear}_{cnn}_{lstm}_{critic},
@@ -181,6 +185,17 @@ def print_record(record: dict) -> None:
                         f"{layer[f'{key}_before']:>{width // 2},} -> {layer[f'{key}_after']:<{width // 2 - 3},}"
                     )
             print(f"  {layer['name']:<20} " + " ".join(columns))
+
+
+def print_evaluation(record: dict) -> None:
+    per = "per episode" if record["eval_whole_episodes"] else f"in the first {record['eval_steps']} steps"
+    print(
+        f"  in the task, on {record['eval_maps']} fresh maps, the same for both as are the action draws, "
+        f"{record['eval_steps']} steps each ({record['seconds_eval']:.2f}s):\n"
+        f"    hearts per agent {per} {record['hearts_before']:.3f} -> {record['hearts_after']:.3f} (standard error "
+        f"over {record['eval_agents']} agents {record['hearts_se_before']:.3f} -> {record['hearts_se_after']:.3f}), "
+        f"reward per agent {record['reward_before']:.3f} -> {record['reward_after']:.3f}"
+    )
 
 
 class CollapseTrainTool(TrainTool):
@@ -279,6 +294,7 @@ class CollapseTrainTool(TrainTool):
         c = self.collapse
         checkpoint = load_checkpoint(source)
         policy = policy_from_checkpoint(checkpoint)
+        original = copy.deepcopy(policy)
         optimizer = self.make_optimizer(policy)
         optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         record = self.collapse_policy(
@@ -294,6 +310,9 @@ class CollapseTrainTool(TrainTool):
         if not scratch and source_metrics.exists():  # the branch shares the baseline's history up to the branch
             shared = [m for m in read_metrics(source_metrics) if m["metric/epoch"] <= epoch]
             (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in shared))
+        write_json(self.run_dir / "collapse.json", record)
+        print_record(record)
+        self.record_evaluation(record, original, policy, epoch)
         save_checkpoint(
             self.checkpoint_dir,
             self.run,
@@ -305,8 +324,14 @@ class CollapseTrainTool(TrainTool):
             extra={"collapse": record},
             arena=self.training_env.arena,
         )
+
+    def record_evaluation(self, record: dict, original: FastPolicy, collapsed: FastPolicy, epoch: int) -> None:
+        """Add the task evaluation to a written record (not for scratch: its network learned nothing yet)."""
+        if not self.collapse.eval_steps or self.collapse.mode == "scratch":
+            return
+        record |= self.evaluate_in_task(original, collapsed, epoch)
         write_json(self.run_dir / "collapse.json", record)
-        print_record(record)
+        print_evaluation(record)
 
     def collapse_policy(
         self, policy: FastPolicy, optimizer: torch.optim.Optimizer, data: Data, buffers: list[PackedState]
@@ -357,12 +382,36 @@ class CollapseTrainTool(TrainTool):
         description = f"report part: {steps:,} agent steps ({where}; segments of {horizon} from zero state)"
         return fit_observations, select, report, description
 
+    def evaluate_in_task(self, original: FastPolicy, collapsed: FastPolicy, epoch: int) -> dict:
+        """Hearts and reward per agent of the original and the collapsed policy on the same fresh maps, with the
+        same random numbers for their actions: `collapse.eval_steps` steps, at most one episode, of enough arena
+        copies for 24 agents. Timed (`seconds_eval`) apart from the collapse."""
+        start = time.perf_counter()
+        env_cfg = self.training_env.make_config()
+        steps = min(self.collapse.eval_steps, env_cfg.game.max_steps)
+        copies = math.ceil(24 / env_cfg.game.num_agents)
+        seed = 2_000_000 + 1_000 * self.seed + epoch  # maps neither training nor the collapse's data use
+        result: dict = {
+            "eval_steps": steps,
+            "eval_maps": copies,
+            "eval_whole_episodes": steps == env_cfg.game.max_steps,
+        }
+        for name, policy in (("before", original), ("after", collapsed)):
+            outcome = rollouts(policy, env_cfg, copies, steps, seed)[2]
+            hearts = outcome["hearts"]
+            result |= {
+                f"hearts_{name}": hearts.mean().item(),
+                f"hearts_se_{name}": (hearts.std() / len(hearts) ** 0.5).item(),
+                f"reward_{name}": outcome["reward"].mean().item(),
+            }
+        return result | {"eval_agents": len(hearts), "seconds_eval": time.perf_counter() - start}
+
     def rollout_segments(self, policy: FastPolicy, copies: int, seed: int) -> torch.Tensor:
         """Fresh rollouts of `copies` environment copies, a quarter of `collapse.fit_steps` each (the fit part
         spans at least 4 maps), as (segments, bptt_horizon, ...)."""
         horizon, env_cfg = self.trainer.bptt_horizon, self.training_env.make_config()
         steps = math.ceil(self.collapse.fit_steps / 4 / env_cfg.game.num_agents / horizon) * horizon
-        observations, _ = rollouts(policy, env_cfg, copies, steps, seed)
+        observations, *_ = rollouts(policy, env_cfg, copies, steps, seed)
         return observations.reshape(-1, horizon, *observations.shape[2:])
 
     def _check_resume(self, checkpoint: dict | None) -> None:
@@ -439,6 +488,7 @@ class CollapseTrainTool(TrainTool):
                 arena=self.training_env.arena,
             )
         policy = state.policy
+        original = copy.deepcopy(policy) if main else None
         data = self.epoch_data(state)
         buffers = [
             PackedState(holder, key, STATE_PARTS[name])
@@ -459,10 +509,11 @@ class CollapseTrainTool(TrainTool):
         record |= {"epoch": state.epoch, "agent_step": state.agent_step}
         state.extra["collapse"] = record
         state.checkpoint = True  # a kill before the next checkpoint would otherwise redo the collapse on new data
-        state.metrics.update(collapse_metrics(record))
         if main:
             write_json(self.run_dir / "collapse.json", record)
             print_record(record)
+            self.record_evaluation(record, original, policy, state.epoch)
+        state.metrics.update(collapse_metrics(record))
 
     def record_failure(self, state: "TrainerState", error: str, pre_collapse: Path | None) -> None:
         """A failed collapse, undone on every replica: recorded, checkpointed (no retry); training goes on."""

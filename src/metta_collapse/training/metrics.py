@@ -14,7 +14,13 @@ TIMING_FIELDS = frozenset(
     {
         f"{prefix}{name}"
         for prefix in ("", "collapse/")
-        for name in ("seconds", "seconds_record", "seconds_per_step_before", "seconds_per_step_after")
+        for name in (
+            "seconds",
+            "seconds_record",
+            "seconds_per_step_before",
+            "seconds_per_step_after",
+            "seconds_eval",
+        )
     }
     | {"metric/total_time", "overview/sps"}
 )
