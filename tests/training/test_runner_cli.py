@@ -181,6 +181,24 @@ def test_help_explains_the_runner_and_lists_a_recipes_override_paths(tmp_path: P
     assert "  trainer.batch_size = 12288  (> 0)" in lines and not any(tmp_path.iterdir())  # nothing ran
 
 
+def test_help_and_argument_errors_answer_without_importing_the_runtime():
+    """What keeps `tools/run.py MODULE.FUNC --help` and a refused override fast: no torch, mettagrid, wandb or
+    PufferLib is imported before the tool runs."""
+    heavy = ("torch", "mettagrid", "wandb", "pufferlib")
+    script = (
+        "import sys\n"
+        "from metta_collapse.training.runner import main\n"
+        f"assert main([{'experiments.recipes.collapse_arena.train'!r}, '--help']) == 0\n"
+        f"assert main([{'experiments.recipes.collapse_arena.sweep'!r}, '--help']) == 0\n"
+        f"assert main([{'experiments.recipes.collapse_arena.small'!r}, 'collapse.thresholds.lstm=3']) == 2\n"
+        f"print('LOADED', sorted(name for name in {heavy!r} if name in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "collapse.thresholds.lstm" in done.stderr and "LOADED []" in done.stdout
+
+
 def test_a_run_writes_its_settings_and_a_resume_names_what_changed(tmp_path: Path, capsys: pytest.CaptureFixture):
     command = [RECIPE, "run=r", f"train_dir={tmp_path}", "wandb.enabled=false", *(f"{k}={v}" for k, v in TINY.items())]
     assert main([*command, "trainer.total_timesteps=384"]) == 0

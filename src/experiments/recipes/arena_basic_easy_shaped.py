@@ -13,7 +13,7 @@ Installed into current Metta, this path is the baseline of collapse_arena there:
 at this path, which is found first (see `experiments.recipes`).
 """
 
-from metta_collapse.integrations.metta import detect_era
+from metta_collapse.integrations import detect_era
 
 if detect_era() == "current":
     from metta_collapse.integrations.metta import metta_train

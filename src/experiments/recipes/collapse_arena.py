@@ -9,7 +9,7 @@ two runtimes: inside a Metta checkout (`RUNTIME` is Metta's era) it builds on Me
 with the same `collapse.*` override paths; elsewhere on the embedded runtime (`RUNTIME == "embedded"`).
 """
 
-from metta_collapse.integrations.metta import detect_era
+from metta_collapse.integrations import detect_era
 
 RUNTIME = detect_era() or "embedded"
 

@@ -4,15 +4,14 @@ whose inputs the trainer's rollout passes are read at, and what each policy keep
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import fx, nn
 
 import metta_collapse as mc
+from metta_collapse.integrations import Era
 from metta_collapse.rewrite import map_collapsed, map_selected
 
-Era = Literal["current", "september"]
 S = mc.Step
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 import metta_collapse as mc
 from metta_collapse.activations import collapsed_inputs
-from metta_collapse.integrations.fast import Era, FastLayout, find_fast
+from metta_collapse.integrations import Era
+from metta_collapse.integrations.fast import FastLayout, find_fast
 from metta_collapse.live import Data, collapse_live, collapse_replicas
 
 # set on the agent after a collapse; September checkpoints pickle the agent, so a resumed run sees it

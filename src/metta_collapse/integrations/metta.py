@@ -8,7 +8,6 @@ chains of Metta's `fast` policies), `hook` (the collapse of a live agent, shared
 """
 
 import functools
-import importlib.util
 import math
 import os
 from typing import Any, Literal
@@ -18,22 +17,10 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 from torch import nn
 
 import metta_collapse as mc
+from metta_collapse.integrations import detect_era
 from metta_collapse.integrations.current import component_class, narrow_architecture
-from metta_collapse.integrations.fast import Era
 from metta_collapse.integrations.hook import CollapseHook
 from metta_collapse.integrations.september import loss_class
-
-
-def detect_era() -> Era | None:
-    """`current` (trainer components, a8d1ece), `september` (losses, b712df1), or None without Metta."""
-    for era, module in (("current", "metta.rl.training.component"), ("september", "metta.rl.loss.base_loss")):
-        try:
-            if importlib.util.find_spec(module) is not None:
-                return era
-        except ImportError:  # no `metta`, or the unrelated PyPI package of that name
-            continue
-    return None
-
 
 # ----- the `collapse` section, declared on Metta's Config base
 

@@ -1,7 +1,12 @@
 """The collapse in the embedded runtime: the recipe's `collapse` section and the train tool that acts on it.
 
 The policy's `core` (feature box -> heads) is what the engine analyses and rewrites; the live operation itself
-(`metta_collapse.live.collapse_live`) is shared with the Metta adapter."""
+(`metta_collapse.live.collapse_live`) is shared with the Metta adapter.
+
+torch and the runtime's modules are imported where they are used: the recipe imports this module, and its
+`--help` and argument errors need only the configuration."""
+
+from __future__ import annotations
 
 import copy
 import json
@@ -11,19 +16,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 import metta_collapse as mc
-from metta_collapse.live import Data, PackedState, collapse_live, collapse_replicas
-from metta_collapse.training import distributed
-from metta_collapse.training.checkpoint import (
-    checkpoint_epochs,
-    load_checkpoint,
-    policy_from_checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
-)
 from metta_collapse.training.config import (
     Config,
     ConfigError,
@@ -35,10 +30,12 @@ from metta_collapse.training.config import (
     write_json,
 )
 from metta_collapse.training.metrics import read_metrics
-from metta_collapse.training.policy import FastPolicy
-from metta_collapse.training.rollout import rollouts
 
 if TYPE_CHECKING:
+    import torch
+
+    from metta_collapse.live import Data, PackedState
+    from metta_collapse.training.policy import FastPolicy
     from metta_collapse.training.trainer import TrainerState
 
 CORE_SPEC = mc.ModelSpec(
@@ -52,6 +49,8 @@ PRE_COLLAPSE_SUFFIX = ".precollapse"
 def core_inputs(policy: FastPolicy, observations: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The core's inputs for (segments, horizon, tokens, 3) observations run from zero recurrent state; without
     observations, one empty box (colors depend on the weights only, never on the input values)."""
+    import torch
+
     device = policy.feature_scale.device
     if observations is None:
         box = torch.zeros(1, policy.core.cnn1.in_channels, policy.obs_height, policy.obs_width, device=device)
@@ -72,6 +71,8 @@ def policy_data(
     policy: FastPolicy, fit: torch.Tensor, select: torch.Tensor, report: torch.Tensor, description: str
 ) -> Data:
     """The collapse's data from token observations (segments, steps, tokens, 3), each segment from zero state."""
+    from metta_collapse.live import Data
+
     return Data(
         fit=core_inputs(policy, fit),
         report=lambda p, _: p(report, {}),
@@ -92,6 +93,10 @@ def collapse_copy(
     seed: int = 0,
 ) -> dict:
     """Collapse a copy of the policy (with a fresh optimizer), leaving the policy as it is; the record."""
+    import torch
+
+    from metta_collapse.live import collapse_live
+
     trial = copy.deepcopy(policy)
     optimizer = torch.optim.Adam(trial.parameters())
     _, record = collapse_live(
@@ -205,6 +210,9 @@ class CollapseTrainTool(TrainTool):
     collapse: CollapseSection = Field(default_factory=CollapseSection)
 
     def invoke(self) -> int | None:
+        from metta_collapse.training import distributed
+        from metta_collapse.training.checkpoint import resume_checkpoint
+
         c = self.collapse
         c.check()
         if c.epoch_fraction is not None:
@@ -248,6 +256,8 @@ class CollapseTrainTool(TrainTool):
             return super().invoke()
 
     def _source_checkpoint(self) -> Path:
+        from metta_collapse.training.checkpoint import checkpoint_epochs
+
         c = self.collapse
         source_dir = Path(self.train_dir) / c.init_from / "checkpoints"
         if not source_dir.is_dir():
@@ -291,6 +301,8 @@ class CollapseTrainTool(TrainTool):
 
     def _branch(self, source: Path) -> None:
         """Start this run from the source run's checkpoint, collapsed (or cut, or re-initialised)."""
+        from metta_collapse.training.checkpoint import load_checkpoint, policy_from_checkpoint, save_checkpoint
+
         c = self.collapse
         checkpoint = load_checkpoint(source)
         policy = policy_from_checkpoint(checkpoint)
@@ -336,6 +348,8 @@ class CollapseTrainTool(TrainTool):
     def collapse_policy(
         self, policy: FastPolicy, optimizer: torch.optim.Optimizer, data: Data, buffers: list[PackedState]
     ) -> dict:
+        from metta_collapse.live import collapse_live
+
         c = self.collapse
         _, record = collapse_live(
             policy,
@@ -360,6 +374,8 @@ class CollapseTrainTool(TrainTool):
         """The fit, select and report parts, and what they are. With 3 or more environment copies in the epoch's
         experience the parts are whole copies of it (report: the last, select: the one before, fit: the others);
         otherwise, and where the fit part is short of `collapse.fit_steps`, fresh rollouts of the policy fill in."""
+        import torch
+
         c, horizon = self.collapse, self.trainer.bptt_horizon
         device = policy.feature_scale.device
         seed = 1_000_000 + 1_000 * self.seed + epoch  # maps no training environment uses
@@ -386,6 +402,8 @@ class CollapseTrainTool(TrainTool):
         """Hearts and reward per agent of the original and the collapsed policy on the same fresh maps, with the
         same random numbers for their actions: `collapse.eval_steps` steps, at most one episode, of enough arena
         copies for 24 agents. Timed (`seconds_eval`) apart from the collapse."""
+        from metta_collapse.training.rollout import rollouts
+
         start = time.perf_counter()
         env_cfg = self.training_env.make_config()
         steps = min(self.collapse.eval_steps, env_cfg.game.max_steps)
@@ -409,6 +427,8 @@ class CollapseTrainTool(TrainTool):
     def rollout_segments(self, policy: FastPolicy, copies: int, seed: int) -> torch.Tensor:
         """Fresh rollouts of `copies` environment copies, a quarter of `collapse.fit_steps` each (the fit part
         spans at least 4 maps), as (segments, bptt_horizon, ...)."""
+        from metta_collapse.training.rollout import rollouts
+
         horizon, env_cfg = self.trainer.bptt_horizon, self.training_env.make_config()
         steps = math.ceil(self.collapse.fit_steps / 4 / env_cfg.game.num_agents / horizon) * horizon
         observations, *_ = rollouts(policy, env_cfg, copies, steps, seed)
@@ -418,6 +438,8 @@ class CollapseTrainTool(TrainTool):
         """A run that has collapsed resumes only with the collapse settings it was made with. The record in the
         checkpoint it resumes from decides; `collapse.json` is rewritten from it where a kill left it missing or
         from a collapse that no checkpoint holds."""
+        from metta_collapse.training import distributed
+
         record = (checkpoint or {}).get("extra", {}).get("collapse")
         written = self.run_dir / "collapse.json"
         if record is None:
@@ -441,11 +463,17 @@ class CollapseTrainTool(TrainTool):
 
     def make_optimizer(self, policy: FastPolicy) -> torch.optim.Optimizer:
         """The optimizer PuffeRL builds (Adam with the tool's settings), to carry a checkpoint's state."""
+        import torch
+
         o = self.trainer.optimizer
         return torch.optim.Adam(policy.parameters(), lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps)
 
-    def epoch_data(self, state: "TrainerState") -> Data:
+    def epoch_data(self, state: TrainerState) -> Data:
         """The collapse's data from this epoch's experience; under torchrun, rank 0's on every rank."""
+        import torch
+
+        from metta_collapse.training import distributed
+
         parts = None
         if distributed.is_main():
             # PuffeRL fills rows agent by agent, all agents in step: row r holds agent r % agents
@@ -454,7 +482,7 @@ class CollapseTrainTool(TrainTool):
             parts = self.collapse_parts(state.policy, state.observations, copies, state.epoch)
         return policy_data(state.policy, *distributed.from_main(parts))
 
-    def log_symmetry(self, state: "TrainerState") -> None:
+    def log_symmetry(self, state: TrainerState) -> None:
         """What a collapse with these settings would do now, on a copy of the policy: `symmetry/kept` (the
         fraction of parameters at the knob or budget.kl), `symmetry/kl_mean`, `symmetry/value_err` (what it
         would cost, e.g. at budget.params), measured on the report part."""
@@ -465,7 +493,11 @@ class CollapseTrainTool(TrainTool):
             {"symmetry/kept": kept, **{f"symmetry/{k}": record[k] for k in ("kl_mean", "value_err", "top1")}}
         )
 
-    def on_epoch_end(self, state: "TrainerState") -> None:
+    def on_epoch_end(self, state: TrainerState) -> None:
+        from metta_collapse.live import PackedState, collapse_replicas
+        from metta_collapse.training import distributed
+        from metta_collapse.training.checkpoint import save_checkpoint
+
         c = self.collapse
         done = state.extra.get("collapse")
         if done is not None and "source" in done and state.epoch == done["epoch"] + 1:
@@ -515,7 +547,7 @@ class CollapseTrainTool(TrainTool):
             self.record_evaluation(record, original, policy, state.epoch)
         state.metrics.update(collapse_metrics(record))
 
-    def record_failure(self, state: "TrainerState", error: str, pre_collapse: Path | None) -> None:
+    def record_failure(self, state: TrainerState, error: str, pre_collapse: Path | None) -> None:
         """A failed collapse, undone on every replica: recorded, checkpointed (no retry); training goes on."""
         failure = {"epoch": state.epoch, "agent_step": state.agent_step, "error": error}
         state.extra["collapse_failed"] = failure

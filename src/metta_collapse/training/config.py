@@ -15,13 +15,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
-from mettagrid.config.mettagrid_config import MettaGridConfig
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from metta_collapse.errors import ConfigError
-from metta_collapse.training.arena import make_arena, make_small_arena
 
 if TYPE_CHECKING:
+    from mettagrid.config.mettagrid_config import MettaGridConfig
+
     from metta_collapse.training.trainer import TrainerState
 
 
@@ -110,7 +110,9 @@ class TrainingEnvConfig(Config):
     # copies of the arena stepped together; default: 24 agents in all (1 full arena, 4 small ones)
     num_envs: int | None = Field(default=None, gt=0)
 
-    def make_config(self) -> MettaGridConfig:
+    def make_config(self) -> "MettaGridConfig":
+        from metta_collapse.training.arena import make_arena, make_small_arena  # mettagrid: not for configuration
+
         return make_arena() if self.arena == "full" else make_small_arena()
 
     def copies(self, agents_per_env: int) -> int:

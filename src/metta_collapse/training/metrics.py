@@ -5,8 +5,6 @@ import os
 import warnings
 from pathlib import Path
 
-import wandb
-
 from metta_collapse.training.config import ConfigError, TrainTool
 
 # what measures wall time: the only fields in which two runs of one command with one seed differ on one machine
@@ -38,6 +36,8 @@ class MetricsLogger:
             os.replace(tmp, self.path)
         self.run = None
         if tool.wandb.enabled:
+            import wandb  # here: reading metrics does not need it
+
             self.run = wandb.init(
                 project=tool.wandb.project,
                 entity=tool.wandb.entity,
@@ -60,6 +60,8 @@ class MetricsLogger:
 
     def log_checkpoint(self, path: Path) -> None:
         if self.run is not None:
+            import wandb
+
             artifact = wandb.Artifact(name=self.run.id, type="model", metadata={"file": path.name})
             artifact.add_file(str(path))
             self.run.log_artifact(artifact)

@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import pufferlib
 from pydantic import Field
 
 from metta_collapse.config import SWEEP_SPACE
@@ -45,6 +44,7 @@ class SweepTool(Tool):
         return {"method": "Protein", "metric": "score", "goal": "maximize", "collapse": space}
 
     def invoke(self) -> int:
+        import pufferlib
         from pufferlib.sweep import Protein
 
         trial = self.trial.model_copy(deep=True)
