@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 from scipy.integrate import trapezoid
 
 import metta_collapse as mc
@@ -222,7 +223,8 @@ def plot_symmetry(curve: dict) -> Figure:
     axes.set_xlabel("agent steps")
     axes.set_ylabel("fraction of the original network a collapse would keep")
     axes.set_ylim(0, 1.05)
-    axes.set_title(f"{curve['run']}: symmetry over training ({describe_config(mc.CollapseConfig(**curve['config']))})")
+    config = describe_config(mc.CollapseConfig(**curve["config"]))
+    axes.set_title(f"{curve['run']}: symmetry over training\n({config})", fontsize="medium")
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.grid(alpha=0.3)
     return figure
@@ -477,7 +479,7 @@ def plot_compare(curves: list[Curve], summary: dict, window: int = 1) -> Figure:
             members = [curve for curve in curves if curve.name in group["runs"]]
             xs = np.unique(np.concatenate([curve.x[shown(curve)] for curve in members]))
             ys = np.array([np.interp(xs, curve.x, curve.smoothed, left=np.nan, right=np.nan) for curve in members])
-            label = f"{group['arm']} ({len(members)} runs)"
+            label = f"{group['arm']} ({len(members)} run{'s' if len(members) > 1 else ''})"
             axes.plot(xs, np.nanmean(ys, axis=0), color=f"C{index}", linewidth=1.8, label=label)
             axes.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=f"C{index}", alpha=0.15)
     else:
@@ -494,7 +496,9 @@ def plot_compare(curves: list[Curve], summary: dict, window: int = 1) -> Figure:
     if summary["baseline_before_collapse"] is not None:
         axes.axhline(summary["baseline_before_collapse"], color="gray", linestyle=":", label="baseline before the cut")
     axes.set_xlabel(X_LABELS[summary["x"]])
+    axes.xaxis.set_major_formatter(EngFormatter(sep=""))  # 250k, 1M: plain tick labels run into each other
     axes.set_ylabel(summary["y"] if window == 1 else f"{summary['y']} (moving average of {window})")
-    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    # below the axes: run names can be long, and a legend beside the axes would take their width
+    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2)
     axes.grid(alpha=0.3)
     return figure
