@@ -223,7 +223,8 @@ def test_a_branch_takes_its_sources_settings_with_the_command_lines_on_top(
     assert main(["experiments.recipes.collapse_arena.train", "run=b", f"train_dir={tmp_path}", *branch]) == 0
     out = capsys.readouterr().out
     assert "the branch takes 'base''s settings: " in out and "trainer.batch_size=384" in out
-    assert "branching b from base at its epoch 1" in out and "resuming" not in out
+    assert "resuming" not in out
+    assert out.index("branching b from base at its epoch 1") < out.index("collapse (") < out.index("run b in ")
     settings = json.loads((tmp_path / "b" / "config.json").read_text())
     assert settings["trainer"]["batch_size"] == 384 and settings["trainer"]["total_timesteps"] == 768
     assert settings["wandb"]["enabled"] is False and settings["seed"] == 3  # the source's; the command line's

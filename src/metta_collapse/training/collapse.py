@@ -305,6 +305,7 @@ class CollapseTrainTool(TrainTool):
 
         c = self.collapse
         checkpoint = load_checkpoint(source)
+        print(f"branching {self.run} from {c.init_from} at its epoch {checkpoint['epoch']}, into {self.run_dir}")
         policy = policy_from_checkpoint(checkpoint)
         original = copy.deepcopy(policy)
         optimizer = self.make_optimizer(policy)

@@ -213,7 +213,7 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
         wall_offset = checkpoint["wall_time"]
         branch = checkpoint.get("extra", {}).get("collapse", {})
         if main and branch.get("source") and branch["epoch"] == trainer.epoch:  # the branch's first checkpoint
-            print(f"branching {tool.run} from {branch['source']} at its epoch {branch['source_epoch']}")
+            print(f"{tool.run} trains on from its branch checkpoint {resume_from.name}")
         elif main:
             print(
                 f"resuming {tool.run} from {resume_from.name}: epoch {trainer.epoch}, step {checkpoint['agent_step']}"
