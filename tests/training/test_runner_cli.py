@@ -222,7 +222,7 @@ def test_a_branch_takes_its_sources_settings_with_the_command_lines_on_top(
     branch = ["collapse.init_from=base", "collapse.epoch_idx=1", "collapse.fit_steps=1024", "seed=3"]
     assert main(["experiments.recipes.collapse_arena.train", "run=b", f"train_dir={tmp_path}", *branch]) == 0
     out = capsys.readouterr().out
-    assert "the branch takes 'base''s settings: " in out and "trainer.batch_size=384" in out
+    assert "the branch takes the settings of run 'base': " in out and "trainer.batch_size=384" in out
     assert "resuming" not in out
     assert out.index("branching b from base at its epoch 1") < out.index("collapse (") < out.index("run b in ")
     settings = json.loads((tmp_path / "b" / "config.json").read_text())

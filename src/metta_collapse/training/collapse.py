@@ -297,7 +297,7 @@ class CollapseTrainTool(TrainTool):
             apply_override(self, key, value)
             inherited.append(f"{key}={json.dumps(value)}")
         if inherited:
-            print(f"the branch takes {c.init_from!r}'s settings: {', '.join(inherited)}")
+            print(f"the branch takes the settings of run {c.init_from!r}: {', '.join(inherited)}")
 
     def _branch(self, source: Path) -> None:
         """Start this run from the source run's checkpoint, collapsed (or cut, or re-initialised)."""

@@ -221,6 +221,7 @@ def plot_symmetry(curve: dict) -> Figure:
     if curve["collapsed_at"] is not None:
         axes.axvline(curve["collapsed_at"], color="gray", linestyle="--", label="the run's collapse")
     axes.set_xlabel("agent steps")
+    axes.xaxis.set_major_formatter(EngFormatter(sep=""))
     axes.set_ylabel("fraction of the original network a collapse would keep")
     axes.set_ylim(0, 1.05)
     config = describe_config(mc.CollapseConfig(**curve["config"]))
