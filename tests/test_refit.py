@@ -102,8 +102,15 @@ def test_on_an_exactly_symmetric_network_the_basis_is_the_exact_fibration():
 
 
 def test_a_parameter_budget_is_never_exceeded_and_lstm_widths_follow_the_data():
-    policy = random_policy()
+    torch.manual_seed(0)
+    widths = dict(SMALL, cnn1=16, cnn2=16, fc1=32, encoded_obs=32, lstm1=24, lstm2=24, actor_1=32, critic_1=32)
+    policy = FastPolicy(FastCore(24, 11, 11, 5, widths), 11, 11, torch.ones(24))
     data = core_data(policy, 32, 40)
+
+    def lstm_widths(plan: mc.CollapsePlan) -> list[int]:
+        return [layer.width_after for layer in plan.layers if layer.kind == "lstm"]
+
+    kept_lstm = {}
     for fraction in (0.6, 0.3):
         plan, kept, chosen = mc.select_basis(policy.core, data, SPEC, params=fraction)
         assert plan.kept_fraction <= fraction
@@ -111,6 +118,13 @@ def test_a_parameter_budget_is_never_exceeded_and_lstm_widths_follow_the_data():
             layer.key: layer.width_after for layer in plan.layers if layer.key in kept
         }
         assert chosen["scale"] > 0
+        kept_lstm[fraction] = lstm_widths(plan)
+    assert all(small < large < 24 for small, large in zip(kept_lstm[0.3], kept_lstm[0.6], strict=True))
+    # at one tolerance, the same number of samples of one observation repeated spans far fewer directions
+    one = tokens(1, 1).expand(32, 40, -1, -1)
+    poor = (policy.box(one.reshape(-1, *one.shape[2:])), *data[1:])
+    rich_plan, poor_plan = (mc.select_basis(policy.core, d, SPEC)[0] for d in (data, poor))
+    assert all(p < r / 2 for p, r in zip(lstm_widths(poor_plan), lstm_widths(rich_plan), strict=True))
 
 
 def test_a_parameter_budget_takes_the_allocation_its_judge_prefers_within_the_budget():

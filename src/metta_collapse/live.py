@@ -255,18 +255,18 @@ def collapse_live(
         with torch.no_grad():
             return data.select_behaviour(policy, None)
 
-    def select_kl(scale: float, trial_mode: Mode) -> float:
-        """The select part's KL after a trial collapse at `scale`, on a copy of the policy."""
+    def select_kl(scale: float) -> float:
+        """The select part's KL after a trial collapse at `scale`, on a copy of the policy, in the method's mode
+        whatever `mode` is: a null model gets the widths the method would get."""
         trial = copy.deepcopy(policy)
         plan, kept, _ = sizer.plan(scale)
-        _apply(trial, target, plan, kept, trial_mode, seed, data, refit_weights, original)
+        _apply(trial, target, plan, kept, "fibration", seed, data, refit_weights, original)
         with torch.no_grad():
             return behaviour_change(reference(), data.select_behaviour(trial, plan))["kl_mean"]
 
     scale = 1.0
     if budget.params is not None and config.metric == "basis" and data.select_behaviour is not None:
-        # judged on the collapse itself in every mode: a null model gets the widths the method would get
-        scale = sizer.allocate(budget.params, lambda scale: select_kl(scale, "fibration"))
+        scale = sizer.allocate(budget.params, select_kl)
     elif budget.params is not None:
         scale = sizer.for_params(budget.params)
     elif budget.kl is not None:
@@ -274,7 +274,7 @@ def collapse_live(
             raise CollapseError("budget.kl needs the select part of the data")
         # the largest collapse within the budget: the smallest model whose KL stays under it
         scale = 1.0 / smallest_scale(
-            lambda inverse: select_kl(1.0 / inverse, mode) <= budget.kl,
+            lambda inverse: select_kl(1.0 / inverse) <= budget.kl,
             1.0 / sizer.largest_scale,
             1e3,
             f"budget.kl={budget.kl}",

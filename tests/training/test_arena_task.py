@@ -85,12 +85,14 @@ class Script:
 
     def __init__(self, actions: list[int], num_actions: int):
         self.feature_scale = torch.ones(1)
+        self.seen: list[torch.Tensor] = []
         self.logits = torch.full((len(actions), num_actions), -torch.inf)
         self.logits[torch.arange(len(actions)), actions] = 0.0
         self.step = 0
 
     def forward_eval(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         self.step += 1
+        self.seen.append(tokens.clone())
         return self.logits[self.step - 1 : self.step], torch.zeros(1)
 
 
@@ -100,7 +102,9 @@ def test_rollouts_count_the_hearts_and_reward_of_the_episode_to_its_last_step(st
     names = make_env(cfg).current_simulation.action_names
     script = ["move_west", "move_west", "move_east", "move_east", "move_south", "move_south"]
     policy = Script([names.index(name) for name in script], len(names))
-    observations, copies, outcome = rollouts(policy, cfg, copies=1, steps=steps, seed=0)
-    assert observations.shape[:2] == (1, steps) and copies.tolist() == [0]
+    observations, copies, outcome = rollouts(policy, cfg, copies=1, steps=steps, seed=0, stream="evaluate")
+    assert copies.tolist() == [0] and torch.equal(observations, torch.stack(policy.seen, dim=1))
+    # each step's move changes the agent's inventory or place, so what it sees
+    assert len({frame.numpy().tobytes() for frame in observations[0]}) == steps
     # steps=6 ends the episode: its simulation is read before the next step would replace it
     assert outcome["hearts"].tolist() == [hearts] and outcome["reward"].tolist() == pytest.approx([reward])

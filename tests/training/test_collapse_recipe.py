@@ -283,8 +283,9 @@ def test_live_symmetry_logs_what_a_collapse_would_do_now(tmp_path: Path):
     train(tool, on_epoch_end=tool.on_epoch_end)
     first, second = read_metrics(tmp_path / "watched" / "metrics.jsonl")
     assert not any(key.startswith("symmetry/") for key in first)
-    assert 0 < second["symmetry/kept"] <= 0.5 and second["symmetry/kl_mean"] >= 0
-    assert 0 <= second["symmetry/top1"] <= 1 and second["symmetry/value_err"] >= 0
+    # a collapse to half the parameters changes the policy a little, measurably: neither nothing nor everything
+    assert 0.3 < second["symmetry/kept"] <= 0.5 and 0 < second["symmetry/kl_mean"] < 0.1
+    assert 0.5 < second["symmetry/top1"] < 1 and 0 < second["symmetry/value_err"] < 1
     assert load_checkpoint(checkpoint_epochs(tool.checkpoint_dir, "watched")[2])["architecture"]["widths"] == dict(
         DEFAULT_WIDTHS
     )

@@ -50,7 +50,26 @@ def test_trials_branch_from_one_baseline_collapse_inside_their_steps_and_the_fro
         assert {"kept", "kl_mean", "value_err", "recovered", "score"} <= set(next(csv.reader(table)))
     out = capsys.readouterr().out
     assert "Predicted" not in out and "recovered" in out.split("results.json")[-1]
-    assert sum(line.endswith(" *") for line in out.splitlines()) >= 1  # the frontier is marked
+    marked = {int(line.split()[0]) for line in out.splitlines() if line.endswith(" *")}
+    assert marked == {row["trial"] for row in rows if not dominated(row, rows)}
+
+
+def dominated(row: dict, rows: list[dict]) -> bool:
+    return any(o["kept"] <= row["kept"] and o["recovered"] > row["recovered"] for o in rows) or any(
+        o["kept"] < row["kept"] and o["recovered"] >= row["recovered"] for o in rows
+    )
+
+
+def test_the_frontier_marks_exactly_the_trials_no_other_beats_on_size_and_reward():
+    from metta_collapse.training.sweep import frontier
+
+    kept_recovered = [(0.2, 0.9), (0.3, 0.8), (0.3, 0.95), (0.5, 0.95), (0.1, 0.5), (0.2, 0.9)]
+    rows = [
+        {"trial": i, "collapse.epoch_idx": 1, "collapse.budget.params": k, "kept": k, "recovered": r, "score": 0.0}
+        for i, (k, r) in enumerate(kept_recovered)
+    ]
+    marked = {int(line.split()[0]) for line in frontier(rows).splitlines()[1:] if line.endswith(" *")}
+    assert marked == {row["trial"] for row in rows if not dominated(row, rows)} == {0, 2, 4, 5}
 
 
 def test_a_trial_setting_that_cannot_run_fails_before_the_baseline_trains(tmp_path: Path):

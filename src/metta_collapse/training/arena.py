@@ -4,6 +4,8 @@ mettagrid's own `make_arena` has walls and agents only, so the converter chain i
 mine gives ore_red, a generator turns ore_red into battery_red, an altar turns one battery_red into a heart.
 """
 
+import functools
+
 import mettagrid.mapgen.scenes.random
 import numpy as np
 import pufferlib.vector
@@ -161,24 +163,46 @@ class EpisodeStats(SimulatorEventHandler):
         }
 
 
-def make_env(env_cfg: MettaGridConfig, buf: dict | None = None, seed: int = 0) -> MettaGridPufferEnv:
-    map_builder = env_cfg.game.map_builder
-    if getattr(map_builder, "seed", 0) is None:
-        # unseeded random maps come from OS entropy; derive them from the env's seed instead (the simulator
-        # adds the episode index, so seeds of different envs are spread apart to keep their maps distinct)
+# Which maps each use of the arena plays. mettagrid plays episode k of an environment on map seed `base + k`, so
+# every environment copy gets its own base from the use (stream), its vector env's seed and its copy index, in
+# separate bit fields: two copies that differ in any of the three never share a map while each plays fewer than
+# 2**EPISODE_BITS episodes. Held-out data (a collapse's parts, evaluations) can never meet a training map.
+MAP_STREAMS = ("train", "fit", "select", "report", "evaluate")
+SEED_BITS, COPY_BITS, EPISODE_BITS = 32, 16, 24
+
+
+def map_seed(stream: str, seed: int, copy: int) -> int:
+    """The map seed of the first episode of environment copy `copy` of a vector env made with `seed` for `stream`."""
+    if not (0 <= seed < 2**SEED_BITS and 0 <= copy < 2**COPY_BITS):
+        raise ValueError(f"map seeds take a seed below 2**{SEED_BITS} and a copy below 2**{COPY_BITS}")
+    return ((MAP_STREAMS.index(stream) << SEED_BITS | seed) << COPY_BITS | copy) << EPISODE_BITS
+
+
+def make_env(
+    env_cfg: MettaGridConfig, buf: dict | None = None, seed: int = 0, maps: int | None = None
+) -> MettaGridPufferEnv:
+    """One environment; unseeded random maps are drawn from `maps` (default: copy 0 of training with `seed`)."""
+    if getattr(env_cfg.game.map_builder, "seed", 0) is None:
+        # unseeded random maps would come from OS entropy
         env_cfg = env_cfg.model_copy(deep=True)
-        env_cfg.game.map_builder.seed = 10_000 * seed
+        env_cfg.game.map_builder.seed = map_seed("train", seed, 0) if maps is None else maps
     simulator = Simulator()
     simulator.add_event_handler(EpisodeStats())
     return MettaGridPufferEnv(simulator, env_cfg, buf=buf, seed=seed)
 
 
-def make_vecenv(env_cfg: MettaGridConfig, num_envs: int = 1, seed: int = 0) -> pufferlib.vector.Serial:
-    """`num_envs` copies of the environment stepped one after another in this process."""
+def make_vecenv(
+    env_cfg: MettaGridConfig, num_envs: int = 1, seed: int = 0, stream: str = "train"
+) -> pufferlib.vector.Serial:
+    """`num_envs` copies of the environment stepped one after another in this process, each on its own maps of
+    `stream` drawn from `seed`."""
+    # pufferlib.vector.make takes a `seed` but never hands it to the backend, so Serial numbers its copies 0, 1, ...
+    # whatever the seed: each copy gets its own creator, with its maps bound here
+    creators = [functools.partial(make_env, maps=map_seed(stream, seed, copy)) for copy in range(num_envs)]
     return pufferlib.vector.make(
-        make_env,
-        env_kwargs={"env_cfg": env_cfg},
+        creators,
+        env_args=[[]] * num_envs,
+        env_kwargs=[{"env_cfg": env_cfg}] * num_envs,
         num_envs=num_envs,
         backend=pufferlib.vector.Serial,
-        seed=seed,
     )

@@ -159,6 +159,13 @@ class CollapseSection(Config):
         return f"{self.init_from}_epoch_{self.epoch_idx}_{name}{'' if self.refit else '_norefit'}"
 
 
+def held_out_seed(seed: int, epoch: int) -> int:
+    """The seed of a run's held-out maps at an epoch (their streams keep them apart from training's maps)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
 def collapse_metrics(record: dict) -> dict[str, float]:
     return {f"collapse/{key}": float(value) for key, value in record.items() if isinstance(value, int | float)}
 
@@ -310,9 +317,7 @@ class CollapseTrainTool(TrainTool):
         original = copy.deepcopy(policy)
         optimizer = self.make_optimizer(policy)
         optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        record = self.collapse_policy(
-            policy, optimizer, policy_data(policy, *self.collapse_parts(policy, None, None)), []
-        )
+        record = self.collapse_policy(policy, optimizer, policy_data(policy, *self.collapse_parts(policy, None)), [])
         scratch = c.mode == "scratch"
         epoch, step, wall = (
             (0, 0, 0.0) if scratch else (checkpoint["epoch"], checkpoint["agent_step"], checkpoint["wall_time"])
@@ -370,37 +375,32 @@ class CollapseTrainTool(TrainTool):
         return record | {"settings": c.settings()}
 
     def collapse_parts(
-        self, policy: FastPolicy, observations: torch.Tensor | None, copies: torch.Tensor | None, epoch: int = 0
+        self, policy: FastPolicy, observations: torch.Tensor | None, epoch: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-        """The fit, select and report parts, and what they are. With 3 or more environment copies in the epoch's
-        experience the parts are whole copies of it (report: the last, select: the one before, fit: the others);
-        otherwise, and where the fit part is short of `collapse.fit_steps`, fresh rollouts of the policy fill in."""
+        """The fit, select and report parts, and what they are. Fit: the epoch's experience where there is one
+        (the data the policy trains on), topped up to `collapse.fit_steps` with fresh rollouts on held-out fit
+        maps; select and report: fresh rollouts on held-out maps of their own, never met in training."""
         import torch
 
         c, horizon = self.collapse, self.trainer.bptt_horizon
         device = policy.feature_scale.device
-        seed = 1_000_000 + 1_000 * self.seed + epoch  # maps no training environment uses
-        parts: dict[str, torch.Tensor] = {}
-        where = "fresh rollouts"
-        if observations is not None and copies is not None and int(copies.max()) >= 2:
-            n = int(copies.max()) + 1
-            parts = {"report": observations[copies == n - 1], "select": observations[copies == n - 2]}
-            observations = observations[copies < n - 2]
-            where = f"environment copy {n} of {n} of epoch {epoch}'s experience"
-        for name in ("select", "report"):
-            if name not in parts:
-                parts[name] = self.rollout_segments(policy, 2, seed + 100 * len(parts))
-        fit = [observations] if observations is not None else []
-        while sum(len(o) for o in fit) * horizon < c.fit_steps:
-            fit.append(self.rollout_segments(policy, 1, seed + 100 * (2 + len(fit))))
-        fit_observations = torch.cat(fit).to(device)
-        select, report = parts["select"].to(device), parts["report"].to(device)
-        steps = report.shape[0] * report.shape[1]
-        description = f"report part: {steps:,} agent steps ({where}; segments of {horizon} from zero state)"
-        return fit_observations, select, report, description
+        seed = held_out_seed(self.seed, epoch)
+        select, report = (self.rollout_segments(policy, 2, seed, stream) for stream in ("select", "report"))
+        fit = [] if observations is None else [observations]
+        missing = c.fit_steps - (0 if observations is None else observations.shape[0] * horizon)
+        if missing > 0:
+            steps_per_copy = self.rollout_steps() * self.training_env.make_config().game.num_agents
+            fit.append(self.rollout_segments(policy, math.ceil(missing / steps_per_copy), seed, "fit"))
+        fit_observations = torch.cat([f.to(device) for f in fit])
+        where = "fresh rollouts" if observations is None else f"epoch {epoch}'s experience, topped up by rollouts"
+        description = (
+            f"report part: {report.shape[0] * report.shape[1]:,} agent steps on held-out maps (fit part: "
+            f"{fit_observations.shape[0] * horizon:,} agent steps of {where}; segments of {horizon} from zero state)"
+        )
+        return fit_observations, select.to(device), report.to(device), description
 
     def evaluate_in_task(self, original: FastPolicy, collapsed: FastPolicy, epoch: int) -> dict:
-        """Hearts and reward per agent of the original and the collapsed policy on the same fresh maps, with the
+        """Hearts and reward per agent of the original and the collapsed policy on the same held-out maps, with the
         same random numbers for their actions: `collapse.eval_steps` steps, at most one episode, of enough arena
         copies for 24 agents. Timed (`seconds_eval`) apart from the collapse."""
         from metta_collapse.training.rollout import rollouts
@@ -409,14 +409,14 @@ class CollapseTrainTool(TrainTool):
         env_cfg = self.training_env.make_config()
         steps = min(self.collapse.eval_steps, env_cfg.game.max_steps)
         copies = math.ceil(24 / env_cfg.game.num_agents)
-        seed = 2_000_000 + 1_000 * self.seed + epoch  # maps neither training nor the collapse's data use
+        seed = held_out_seed(self.seed, epoch)
         result: dict = {
             "eval_steps": steps,
             "eval_maps": copies,
             "eval_whole_episodes": steps == env_cfg.game.max_steps,
         }
         for name, policy in (("before", original), ("after", collapsed)):
-            outcome = rollouts(policy, env_cfg, copies, steps, seed)[2]
+            outcome = rollouts(policy, env_cfg, copies, steps, seed, "evaluate")[2]
             hearts = outcome["hearts"]
             result |= {
                 f"hearts_{name}": hearts.mean().item(),
@@ -425,15 +425,19 @@ class CollapseTrainTool(TrainTool):
             }
         return result | {"eval_agents": len(hearts), "seconds_eval": time.perf_counter() - start}
 
-    def rollout_segments(self, policy: FastPolicy, copies: int, seed: int) -> torch.Tensor:
-        """Fresh rollouts of `copies` environment copies, a quarter of `collapse.fit_steps` each (the fit part
-        spans at least 4 maps), as (segments, bptt_horizon, ...)."""
+    def rollout_steps(self) -> int:
+        """Steps of a fresh rollout: a quarter of `collapse.fit_steps` per copy (the fit part spans at least 4
+        maps), whole segments."""
+        horizon, agents = self.trainer.bptt_horizon, self.training_env.make_config().game.num_agents
+        return math.ceil(self.collapse.fit_steps / 4 / agents / horizon) * horizon
+
+    def rollout_segments(self, policy: FastPolicy, copies: int, seed: int, stream: str) -> torch.Tensor:
+        """Fresh rollouts of `copies` environment copies on held-out maps of `stream`, as (segments, horizon, ...)."""
         from metta_collapse.training.rollout import rollouts
 
-        horizon, env_cfg = self.trainer.bptt_horizon, self.training_env.make_config()
-        steps = math.ceil(self.collapse.fit_steps / 4 / env_cfg.game.num_agents / horizon) * horizon
-        observations, *_ = rollouts(policy, env_cfg, copies, steps, seed)
-        return observations.reshape(-1, horizon, *observations.shape[2:])
+        env_cfg = self.training_env.make_config()
+        observations, *_ = rollouts(policy, env_cfg, copies, self.rollout_steps(), seed, stream)
+        return observations.reshape(-1, self.trainer.bptt_horizon, *observations.shape[2:])
 
     def _check_resume(self, checkpoint: dict | None) -> None:
         """A run that has collapsed resumes only with the collapse settings it was made with. The record in the
@@ -471,16 +475,11 @@ class CollapseTrainTool(TrainTool):
 
     def epoch_data(self, state: TrainerState) -> Data:
         """The collapse's data from this epoch's experience; under torchrun, rank 0's on every rank."""
-        import torch
-
         from metta_collapse.training import distributed
 
         parts = None
         if distributed.is_main():
-            # PuffeRL fills rows agent by agent, all agents in step: row r holds agent r % agents
-            per_copy = self.training_env.make_config().game.num_agents
-            copies = torch.arange(len(state.observations)) % state.trainer.total_agents // per_copy
-            parts = self.collapse_parts(state.policy, state.observations, copies, state.epoch)
+            parts = self.collapse_parts(state.policy, state.observations, state.epoch)
         return policy_data(state.policy, *distributed.from_main(parts))
 
     def log_symmetry(self, state: TrainerState) -> None:

@@ -20,29 +20,29 @@ from metta_collapse.training.rollout import rollouts
 
 BUDGETS = (0.9, 0.6, 0.45, 0.3, 0.2, 0.15)
 UNITS = ("basis", "cosine", "scale_aware")
-# rollout seeds of the three parts: their maps differ from each other and from the training environments'
-SEEDS = {"fit": 7_001, "select": 7_002, "report": 7_003}
 
 
 def frontier_data(
-    policy: FastPolicy, arena: str, fit_steps: int, select_copies: int, report_copies: int, horizon: int
+    policy: FastPolicy, arena: str, fit_steps: int, select_copies: int, report_copies: int, horizon: int, seed: int = 0
 ) -> tuple[Data, dict]:
     """Fit and select: whole episodes cut into `horizon`-step segments from zero state (as the trainer's
-    experience is); report: whole episodes from zero state."""
+    experience is); report: whole episodes from zero state. Each part plays its own held-out maps (its stream of
+    `arena.MAP_STREAMS`, drawn from `seed`): one map per environment copy, none met in training or another part."""
     env_cfg = TrainingEnvConfig(arena=arena).make_config()
     steps, agents = env_cfg.game.max_steps, env_cfg.game.num_agents
     horizon = math.gcd(horizon, steps)
     fit_copies = math.ceil(fit_steps / (steps * agents))
     parts = {
-        name: rollouts(policy, env_cfg, copies, steps, SEEDS[name])[0]
+        name: rollouts(policy, env_cfg, copies, steps, seed, name)[0]
         for name, copies in (("fit", fit_copies), ("select", select_copies), ("report", report_copies))
     }
     fit, select = (parts[name].reshape(-1, horizon, *parts[name].shape[2:]) for name in ("fit", "select"))
     report = parts["report"]
     sizes = {name: int(np.prod(part.shape[:2])) for name, part in parts.items()}
-    description = f"{report_copies} copies x {agents} agents, whole {steps}-step episodes from zero state"
+    description = f"{report_copies} held-out maps x {agents} agents, whole {steps}-step episodes from zero state"
     data = policy_data(policy, fit, select, report, description)
-    return data, {"agent_steps": sizes, "episode_steps": steps, "segment_steps": horizon, "seeds": SEEDS}
+    maps = {"fit": fit_copies, "select": select_copies, "report": report_copies}
+    return data, {"agent_steps": sizes, "maps": maps, "episode_steps": steps, "segment_steps": horizon, "seed": seed}
 
 
 def row(record: dict, units: str, budget: float | None, seed: int | None = None) -> dict:

@@ -9,14 +9,14 @@ from metta_collapse.training.policy import FastPolicy
 
 
 def rollouts(
-    policy: FastPolicy, env_cfg: MettaGridConfig, copies: int, steps: int, seed: int
+    policy: FastPolicy, env_cfg: MettaGridConfig, copies: int, steps: int, seed: int, stream: str
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """`copies` fresh copies of the arena (maps drawn from `seed`), `steps` steps from zero recurrent state,
-    actions sampled (from `seed` too: two policies run with one seed meet the same maps and draw the same random
-    numbers). Returns the observations (agents, steps, tokens, 3), each agent's copy index, and each agent's
-    hearts gained and reward in the episode under way at the last step (the whole run when `steps` is at most
-    the episode's length)."""
-    vecenv = make_vecenv(env_cfg, copies, seed)
+    """`copies` fresh copies of the arena on maps of `stream` (`arena.MAP_STREAMS`: never a training map unless
+    "train") drawn from `seed`, `steps` steps from zero recurrent state, actions sampled (from `seed` too: two
+    policies run with one seed meet the same maps and draw the same random numbers). Returns the observations
+    (agents, steps, tokens, 3), each agent's copy index, and each agent's hearts gained and reward in the episode
+    under way at the last step (the whole run when `steps` is at most the episode's length)."""
+    vecenv = make_vecenv(env_cfg, copies, seed, stream)
     device = policy.feature_scale.device
     try:
         observations, _ = vecenv.reset(seed)
@@ -25,7 +25,7 @@ def rollouts(
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for _ in range(steps):
-                tokens = torch.as_tensor(observations)
+                tokens = torch.tensor(observations)  # a copy: the vector env overwrites its buffer each step
                 frames.append(tokens)
                 logits, _ = policy.forward_eval(tokens.to(device), state)
                 actions = torch.multinomial(torch.softmax(logits.cpu(), -1), 1, generator=generator).squeeze(1)
