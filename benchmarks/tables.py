@@ -162,6 +162,104 @@ def frontier(results_dir: Path, name: str) -> str:
     return markdown(header, table)
 
 
+def interval(estimate: dict | None, form: str) -> str:
+    """A paired difference as `mean [low, high]`; one seed gives no interval."""
+    if estimate is None:
+        return "–"
+    if estimate["low"] is None:
+        return f"{estimate['mean']:{form}} (n=1)"
+    return f"{estimate['mean']:{form}} [{estimate['low']:{form}}, {estimate['high']:{form}}]"
+
+
+def spread(entry: dict | None, form: str) -> str:
+    if entry is None:
+        return "–"
+    return f"{entry['mean']:{form}}" + ("" if entry["n"] == 1 else f" ± {entry['std']:{form.lstrip('+')}}")
+
+
+@renderer
+def validation(results_dir: Path) -> str:
+    """The validation's arms: mean ± std over seeds, and each arm's paired difference from the baseline (mean of
+    the per-seed differences, 95 % bootstrap interval over seeds)."""
+    result = load(results_dir, "validation/validation.json")
+    summary, paired = result["summary"], result["paired_differences"]
+    header = ["arm", "parameters", "final reward", "Δ vs baseline", "held-out hearts at end", "Δ vs baseline"]
+    header += ["held-out hearts at the cut", "agent steps to regain (seeds)"]
+    table = []
+    for arm, row in summary.items():
+        versus = f"{arm} - baseline"
+        regained = [r["steps_to_regain"] for r in result["runs"][arm] if r["steps_to_regain"] is not None]
+        table.append(
+            [
+                arm,
+                f"{row['params']['mean']:,.0f}",
+                spread(row["final_reward"], ".4f"),
+                interval(paired["final_reward"].get(versus), "+.4f"),
+                spread(row["hearts_at_end"], ".2f"),
+                interval(paired["hearts_at_end"].get(versus), "+.2f"),
+                spread(row["hearts_at_cut"], ".2f"),
+                "–"
+                if arm in ("baseline", "scratch")
+                else f"{statistics.median(regained):,.0f} ({len(regained)}/{len(result['runs'][arm])})"
+                if regained
+                else f"never (0/{len(result['runs'][arm])})",
+            ]
+        )
+    return markdown(header, table)
+
+
+@renderer
+def validation_pairs(results_dir: Path) -> str:
+    """Paired differences between arms (per seed, 95 % bootstrap interval over seeds) and rliable's probability of
+    improvement, on the final training reward and the held-out hearts at the end."""
+    result = load(results_dir, "validation/validation.json")
+    paired, rliable = result["paired_differences"], result["rliable"]
+    header = ["difference", "final reward", "excludes 0", "P(improvement)", "held-out hearts at end", "excludes 0"]
+    table = []
+    for pair in paired["final_reward"]:
+        x, y = pair.split(" - ")
+        improvement = next(
+            (e for e in rliable["final_reward"]["probability_of_improvement"] if (e["x"], e["y"]) == (x, y)), None
+        )
+        reward, hearts = paired["final_reward"][pair], paired["hearts_at_end"][pair]
+        table.append(
+            [
+                pair,
+                interval(reward, "+.4f"),
+                "–"
+                if reward is None or reward["excludes_zero"] is None
+                else "yes"
+                if reward["excludes_zero"]
+                else "no",
+                "–"
+                if improvement is None
+                else interval(
+                    {"mean": improvement["probability"], "low": improvement["low"], "high": improvement["high"]}, ".2f"
+                ),
+                interval(hearts, "+.2f"),
+                "–"
+                if hearts is None or hearts["excludes_zero"] is None
+                else "yes"
+                if hearts["excludes_zero"]
+                else "no",
+            ]
+        )
+    return markdown(header, table)
+
+
+@renderer
+def symmetry(results_dir: Path) -> str:
+    """The kept fraction a collapse would have at each of the validation baselines' checkpoints."""
+    over_training = load(results_dir, "validation/validation.json")["symmetry_over_training"]
+    epochs = [row["epoch"] for row in next(iter(over_training.values()))]
+    header = ["seed", *(f"cosine e{e}" for e in epochs), *(f"basis e{e}" for e in epochs)]
+    table = [
+        [seed, *(f"{r['kept_cosine']:.0%}" for r in rows), *(f"{r['kept_basis']:.0%}" for r in rows)]
+        for seed, rows in over_training.items()
+    ]
+    return markdown(header, table)
+
+
 def render(name: str, args: list[str], results_dir: Path = RESULTS) -> str:
     label = " ".join([name, *args])
     if name not in RENDERERS:

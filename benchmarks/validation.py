@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import scipy.stats
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
@@ -39,13 +41,17 @@ sys.path.insert(0, str(REPO / "src"))  # this checkout, even beside an installed
 from experiments.recipes import collapse_arena  # noqa: E402
 from metta_collapse import CollapseConfig  # noqa: E402
 from metta_collapse.cli import main as cli  # noqa: E402
+from metta_collapse.training import stats  # noqa: E402
 from metta_collapse.training.checkpoint import checkpoint_epochs, load_checkpoint, policy_from_checkpoint  # noqa: E402
 from metta_collapse.training.collapse import collapse_copy  # noqa: E402
+from metta_collapse.training.config import TrainingEnvConfig  # noqa: E402
 from metta_collapse.training.frontier import frontier_data  # noqa: E402
 from metta_collapse.training.metrics import read_metrics  # noqa: E402
+from metta_collapse.training.rollout import rollouts  # noqa: E402
 
 ARMS = ("baseline", "collapse", "cosine + refit", "random units + refit", "scratch")
 AFTER = 5  # epochs after the cut (and before it, for the level to regain)
+EVAL_MAPS, EVAL_SEED = 16, 0  # held-out play: one whole episode on each of these maps
 
 
 def arm_overrides(arm: str, seed: int, cut: int, budget: float, widths_of: dict | None) -> dict[str, str]:
@@ -129,23 +135,41 @@ def schedule(args: argparse.Namespace, train_dir: Path, total: int, cut: int) ->
     return walls
 
 
-def measures(metrics: list[dict], cut_step: int, level: float, tail: int, scratch: bool) -> dict:
+def measures(metrics: list[dict], cut_step: int, level: float | None, tail: int, scratch: bool) -> dict:
     steps = [m["metric/agent_step"] for m in metrics]
     rewards = [m["experience/rewards"] for m in metrics]
     after = [i for i, step in enumerate(steps) if step > cut_step]
     auc = sum((steps[i] - steps[i - 1]) * (rewards[i] + rewards[i - 1]) / 2 for i in after if i > 0)
-    regained = next(
-        (steps[i] - cut_step for i in after if statistics.fmean(rewards[max(0, i - AFTER + 1) : i + 1]) >= level),
-        None,
-    )
     return {
         "final_reward": statistics.fmean(rewards[-tail:]),
         "reward_after_cut": statistics.fmean(rewards[i] for i in after[:AFTER]),
         "auc_after_cut": auc,
-        "steps_to_regain": regained,
+        # scratch trains from step 0, so its steps after the cut are not a recovery from it: dropped
+        "steps_to_regain": None if scratch else stats.steps_to_regain(steps, rewards, cut_step, level, AFTER),
         "agent_steps": steps[-1],
-        "counted_from": 0 if scratch else cut_step,
     }
+
+
+def held_out_play(path: Path) -> dict:
+    """The policy of a checkpoint in whole episodes on EVAL_MAPS fixed held-out maps (the same for every arm and
+    seed, never met in training), actions sampled from it with the same random numbers for every policy: hearts
+    and reward per agent, with a 95 % bootstrap interval over maps (the agents of one map play together)."""
+    env_cfg = TrainingEnvConfig(arena="small").make_config()
+    policy = policy_from_checkpoint(load_checkpoint(path)).eval()
+    outcome = rollouts(policy, env_cfg, EVAL_MAPS, env_cfg.game.max_steps, EVAL_SEED, "evaluate")[2]
+    result: dict = {"maps": EVAL_MAPS, "agents": len(outcome["hearts"])}
+    for key in ("hearts", "reward"):
+        per_map = outcome[key].reshape(EVAL_MAPS, -1).double().mean(1).numpy()
+        interval = scipy.stats.bootstrap(
+            (per_map,), np.mean, confidence_level=0.95, method="percentile", random_state=0
+        ).confidence_interval
+        result |= {key: float(per_map.mean()), f"{key}_low": float(interval.low), f"{key}_high": float(interval.high)}
+    return result
+
+
+def checkpoint_at(train_dir: Path, name: str, epoch: int | None = None) -> Path:
+    epochs = checkpoint_epochs(train_dir / name / "checkpoints", name)
+    return epochs[max(epochs) if epoch is None else epoch]
 
 
 def symmetry(train_dir: Path, name: str) -> list[dict]:
@@ -191,11 +215,12 @@ def plot(results: dict, cut_step: int, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=164)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=124)
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="one seed, 8 epochs")
+    parser.add_argument("--train-only", action="store_true", help="train every run, measure nothing")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.smoke:
@@ -208,15 +233,19 @@ def main() -> None:
     cut_step, tail = cut * epoch_steps, max(1, args.epochs // 10)
     start = time.time()
     walls = schedule(args, train_dir, total, cut)
+    if args.train_only:
+        return
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for seed in range(args.seeds):
         base = read_metrics(train_dir / run_name(seed, "baseline") / "metrics.jsonl")
-        level = statistics.fmean(m["experience/rewards"] for m in base if cut - AFTER < m["metric/epoch"] <= cut)
+        base_steps = [m["metric/agent_step"] for m in base]
+        level = stats.level_before_cut(base_steps, [m["experience/rewards"] for m in base], cut_step, AFTER)
         for arm in ARMS:
             name = run_name(seed, arm)
             metrics = read_metrics(train_dir / name / "metrics.jsonl")
             record_path = train_dir / name / "collapse.json"
             record = json.loads(record_path.read_text()) if record_path.exists() else None
+            print(f"{name}: held-out play at the cut and at the end", flush=True)
             results[arm].append(
                 {
                     "seed": seed,
@@ -225,16 +254,40 @@ def main() -> None:
                     "widths": {layer["name"]: layer["width_after"] for layer in record["layers"]} if record else None,
                     "wall_seconds": walls.get(name),
                     **measures(metrics, cut_step, level, tail, arm == "scratch"),
+                    # scratch's network at the cut learned nothing yet
+                    "play_at_cut": None if arm == "scratch" else held_out_play(checkpoint_at(train_dir, name, cut)),
+                    "play_at_end": held_out_play(checkpoint_at(train_dir, name)),
                     "curve": [(m["metric/agent_step"], m["experience/rewards"]) for m in metrics],
                 }
             )
-    fields = ("params", "final_reward", "reward_after_cut", "auc_after_cut", "steps_to_regain")
+    measured = {
+        "final_reward": lambda e: e["final_reward"],
+        "auc_after_cut": lambda e: e["auc_after_cut"],
+        "hearts_at_end": lambda e: e["play_at_end"]["hearts"],
+        "reward_at_end": lambda e: e["play_at_end"]["reward"],
+        "hearts_at_cut": lambda e: e["play_at_cut"]["hearts"] if e["play_at_cut"] else None,
+    }
+    per_seed = {
+        key: {arm: {e["seed"]: get(e) for e in entries if get(e) is not None} for arm, entries in results.items()}
+        for key, get in measured.items()
+    }
+    pairs = [(arm, "baseline") for arm in ARMS[1:]]
+    pairs += [("collapse", "random units + refit"), ("collapse", "scratch"), ("collapse", "cosine + refit")]
+    differences = {
+        key: {f"{x} - {y}": stats.paired_difference(values[x], values[y]) for x, y in pairs}
+        for key, values in per_seed.items()
+    }
+    rliable = {
+        key: stats.rliable_summary({arm: list(v.values()) for arm, v in values.items() if v}, pairs)
+        for key, values in per_seed.items()
+        if key != "hearts_at_cut"
+    }
+    fields = ("params", "final_reward", "auc_after_cut", "steps_to_regain")
     summary = {arm: {f: spread([e[f] for e in entries]) for f in fields} for arm, entries in results.items()}
-    print(f"\n{args.seeds} seeds x {total:,} agent steps per arm, cut at epoch {cut} ({cut_step:,} steps)")
-    print(f"{'arm':<22}" + "".join(f"{f:>26}" for f in fields))
     for arm, row in summary.items():
-        cells = [f"{s['mean']:.4g} ± {s['std']:.2g} ({s['n']})" if s else "never" for s in row.values()]
-        print(f"{arm:<22}" + "".join(f"{c:>26}" for c in cells))
+        row |= {key: spread(list(per_seed[key][arm].values())) for key in measured if key not in fields}
+    print(f"\n{args.seeds} seeds x {total:,} agent steps per arm, cut at epoch {cut} ({cut_step:,} steps)")
+    print(validation_table(summary, differences, per_seed))
     print("symmetry over training (kept fraction at the baseline's checkpoints):")
     over_training = {seed: symmetry(train_dir, run_name(seed, "baseline")) for seed in range(args.seeds)}
     for seed, rows in over_training.items():
@@ -250,13 +303,32 @@ def main() -> None:
         "budget_params": args.budget,
         "jobs": args.jobs,
         "final_reward_epochs": tail,
+        "regain_window_epochs": AFTER,
+        "held_out_play": {"maps": EVAL_MAPS, "seed": EVAL_SEED, "stream": "evaluate"},
         "wall_seconds": time.time() - start,
         "summary": summary,
+        "paired_differences": differences,
+        "rliable": rliable,
         "symmetry_over_training": over_training,
         "runs": results,
     }
     (args.out / "validation.json").write_text(json.dumps(payload, indent=1))
     print(f"wall time {time.time() - start:.0f}s; wrote {args.out}/validation.json, validation.png, compare.*")
+
+
+def validation_table(summary: dict, differences: dict, per_seed: dict) -> str:
+    """Per arm: mean ± std over seeds (n), and the paired difference from the baseline with its 95 % interval."""
+    lines = []
+    for key in ("final_reward", "auc_after_cut", "hearts_at_end", "reward_at_end"):
+        lines.append(f"{key}:")
+        for arm, row in summary.items():
+            s = row[key]
+            cell = stats.format_spread(s["mean"], s["std"], s["n"]) if s else "-"
+            versus = differences[key].get(f"{arm} - baseline")
+            lines.append(f"  {arm:<22} {cell:>28}   vs baseline {stats.format_interval(versus)}")
+        for pair in ("collapse - random units + refit", "collapse - scratch"):
+            lines.append(f"  {pair:<40} {stats.format_interval(differences[key][pair])}")
+    return "\n".join(lines)
 
 
 def policy_params(run_dir: Path) -> int:

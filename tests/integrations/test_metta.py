@@ -906,3 +906,30 @@ def test_on_the_adapters_rollouts_the_refit_changes_the_policy_less_than_the_pla
         assert record["refit"] == (name != "plain") and record["metric"] == section.metric
         kl[name] = record["kl_mean"]
     assert kl["refit"] < kl["plain"] and kl["default"] < kl["plain"], kl
+
+
+@pytest.mark.parametrize(
+    ("era", "make"), [("current", CurrentFast), ("september", ComponentFast), ("september", SeptemberFast)]
+)
+def test_the_adapter_keeps_each_pass_even_when_the_trainer_reuses_one_buffer(era: str, make: type):
+    """Trainers write each step's observations into one buffer: what a part holds is every pass, not the last."""
+    torch.manual_seed(0)
+    model = make()
+    prefix, layout = fast.find_fast(model, era)
+    recording = hooks.Rollouts(layout, fit_steps=400, agents_per_env=24)
+    recording.watch(model.get_submodule(prefix), layout)
+    buffer, passes = torch.empty(96, 24, 11, 11), []
+    with torch.no_grad():
+        for _ in range(5):
+            buffer.copy_(torch.rand_like(buffer))
+            passes.append(buffer.clone())
+            model(buffer)
+    recording.unwatch()
+    entry = next(iter(layout.entries))
+    fit = recording.inputs("fit")[recording.names.index(entry)]
+    # copies 0 and 1 of each pass go to fit (the parts cycle fit, fit, select, report by copy)
+    expected = torch.cat([p[:48] for p in passes])
+    if fit.shape == expected.shape:
+        assert torch.equal(fit, expected)
+    else:  # an entry past the box (the encoder's input): its rows still differ from pass to pass
+        assert len({row.numpy().tobytes() for row in fit.reshape(5, 48, -1)}) == 5

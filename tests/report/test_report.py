@@ -215,6 +215,7 @@ def test_compare_summarises_runs_against_the_baseline(train_dir: Path, tmp_path:
     assert rows["base"] == {
         "run": "base",
         "arm": "baseline",
+        "seed": None,  # it has no config.json
         "mode": None,
         "params": PARAMS,  # its latest checkpoint
         "kept": None,
@@ -224,6 +225,7 @@ def test_compare_summarises_runs_against_the_baseline(train_dir: Path, tmp_path:
         "last_mean": 9.0,
         # trapezoids of width 100 from step 500 on: 5.5 + 6.5 + 7.5 + 8.5 + 9.5
         "auc": 3750.0,
+        "level": 4.0,  # its own level before the cut
         "to_recover": None,
         "difference": 0.0,
         "difference_pct": 0.0,
@@ -328,7 +330,49 @@ def test_seeds_of_one_arm_are_grouped_with_their_spread(tmp_path: Path, capsys: 
     assert baseline["runs"] == ["base"] and arm["runs"] == ["a0", "a1"] and arm["arm"] == "cosine"
     assert arm["last_mean"] == pytest.approx(5.0) and arm["last_mean_std"] == pytest.approx(1.0)  # 4 and 6
     assert arm["to_recover"] == 100  # both reach the baseline's 2.0 (epochs 1..3) at their first step after the cut
-    assert table_row(text, "cosine")[:2] == ["cosine", "2"] and "5±1" in text
+    assert table_row(text, "cosine")[:2] == ["cosine", "2"] and "5 ± 1 (n=2)" in text
+    one_run = next(line for line in text.splitlines() if line.split()[:2] == ["baseline", "1"])
+    assert "5 (n=1)" in one_run and "±" not in one_run  # a spread of one run would read as precision
+
+
+def test_grouped_arms_are_paired_with_their_own_seeds_baseline(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Seeds 0..2: the baseline's rewards are e + 10 s; each collapsed branch of seed s (cut at epoch 3) falls to
+    10 s + 0, 1, 3 after it. Seed 3's branch has no baseline of its seed."""
+    root = tmp_path / "runs"
+    for seed in range(4):
+        if seed < 3:
+            write_metrics(root / f"base{seed}", {epoch: epoch + 10.0 * seed for epoch in range(1, 7)})
+            (root / f"base{seed}" / "config.json").write_text(json.dumps({"seed": seed}))
+        rewards = [1 + 10 * seed, 2 + 10 * seed, 3 + 10 * seed, 10 * seed, 1 + 10 * seed, 3 + 10 * seed]
+        record = {"epoch": 3, "agent_step": 300, "mode": "fibration", "params_after": 500}
+        write_metrics(root / f"c{seed}", {e: float(r) for e, r in enumerate(rewards, 1)}, record)
+        (root / f"c{seed}" / "config.json").write_text(json.dumps({"seed": seed}))
+    runs = ["base0", "base1", "base2", "c0", "c1", "c2", "c3"]
+    summary, text = compare(root, tmp_path, capsys, *runs, "--group")
+    baseline, arm = summary["arms"]
+    assert baseline["runs"] == ["base0", "base1", "base2"] and arm["runs"] == ["c0", "c1", "c2", "c3"]
+    # last 3 means 10 s + 4/3 against 10 s + 5: -11/3 on every seed that has a baseline, whatever the seeds' spread
+    assert arm["paired"] == {
+        "mean": pytest.approx(-11 / 3),
+        "low": pytest.approx(-11 / 3),
+        "high": pytest.approx(-11 / 3),
+        "n": 3,
+        "excludes_zero": True,
+        "seeds": [0, 1, 2],
+    }
+    assert arm["last_mean_n"] == 4 and arm["difference_n"] == 3
+    # each seed regains its own baseline's 10 s + 2 at the third epoch after the cut, seed 3 is dropped
+    rows = {row["run"]: row for row in summary["runs"]}
+    assert [rows[f"c{seed}"]["to_recover"] for seed in range(4)] == [300, 300, 300, None]
+    assert rows["c3"]["level"] is None and arm["to_recover"] == 300 and arm["to_recover_n"] == 3
+    assert "note: c3: no baseline run of its seed 3: no difference or recovery" in text
+    row = " ".join(table_row(text, "cosine"))
+    assert "-3.667 [-3.667, -3.667] (n=3) yes" in row  # the interval, and that it excludes 0
+    assert "300 ± 0 (n=3)" in text and f"{4 / 3 + 15:.4g} ± " in text and "(n=4)" in text
+    iqm = summary["rliable"]["iqm"]
+    assert iqm["cosine"]["n"] == 4 and iqm["baseline"]["iqm"] == pytest.approx(15.0)
+    assert summary["rliable"]["probability_of_improvement"][0]["x"] == "cosine"
+    assert "interquartile mean of the last 3 mean over runs (rliable, 95% CI): baseline 15 [" in text
 
 
 def one_line_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
@@ -387,8 +431,15 @@ def test_frontier_of_a_checkpoint_writes_every_arm_within_its_budget(tmp_path: P
     assert arms == {(u, r) for u in ("basis", "cosine", "scale_aware") for r in (True, False)} | {
         ("random units (basis widths)", True)
     }
-    assert all(row["kept"] <= 0.5 for row in result["rows"] if row["budget"] == 0.5)
+    at_budget = [row for row in result["rows"] if row["budget"] == 0.5]
+    assert all(row["kept"] <= 0.5 for row in at_budget)
+    by_arm = {(row["units"], row["refit"]): row for row in at_budget}
+    for units in ("basis", "cosine", "scale_aware"):  # the plain arm reuses the knob the refitted one chose
+        assert by_arm[units, False]["widths"] == by_arm[units, True]["widths"]
+        assert by_arm[units, True]["kl_mean"] < by_arm[units, False]["kl_mean"]
+    assert by_arm["random units (basis widths)", True]["widths"] == by_arm["basis", True]["widths"]
     assert result["data"]["agent_steps"]["report"] == 6 * 256 and (tmp_path / "out" / "frontier.png").stat().st_size
+    assert result["data"]["maps"] == {"fit": 1, "select": 2, "report": 1}
     assert "random units (basis widths)" in capsys.readouterr().out
     assert main(["frontier", str(tmp_path / "missing.pt")]) == 2
 

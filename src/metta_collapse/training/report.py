@@ -7,7 +7,7 @@ scratch arms) on one figure, with a summary table of size, final level, area aft
 
 import json
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,14 @@ from metta_collapse.training.checkpoint import (
 from metta_collapse.training.collapse import analyze_policy
 from metta_collapse.training.config import ConfigError
 from metta_collapse.training.metrics import read_metrics
+from metta_collapse.training.stats import (
+    format_interval,
+    format_spread,
+    level_before_cut,
+    paired_difference,
+    rliable_summary,
+    steps_to_regain,
+)
 
 X_KEYS = {"agent_step": "metric/agent_step", "wall_time": "metric/total_time"}
 X_LABELS = {"agent_step": "agent steps", "wall_time": "wall time (s)"}
@@ -237,6 +245,7 @@ class Run:
     directory: Path
     metrics: list[dict]
     collapse: dict | None  # collapse.json, when the run was collapsed
+    seed: int | None = None  # from config.json: arms are paired by it
 
 
 @dataclass
@@ -246,6 +255,7 @@ class Curve:
     y: np.ndarray
     smoothed: np.ndarray
     collapse_x: float | None  # the run's own collapse
+    window: int = 1  # of the moving average
 
 
 def load_run(target: str, train_dir: Path) -> Run:
@@ -258,7 +268,9 @@ def load_run(target: str, train_dir: Path) -> Run:
         raise ConfigError(f"run {run_dir.name!r} has no metrics: {path} is empty")
     collapse_path = run_dir / "collapse.json"
     collapse = json.loads(collapse_path.read_text()) if collapse_path.is_file() else None
-    return Run(run_dir.name, run_dir, metrics, collapse)
+    config_path = run_dir / "config.json"
+    seed = json.loads(config_path.read_text()).get("seed") if config_path.is_file() else None
+    return Run(run_dir.name, run_dir, metrics, collapse, seed)
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -292,7 +304,7 @@ def learning_curve(run: Run, x: str, y: str, window: int = 1) -> Curve:
         # the collapse changes the policy: a window reaching across it would hide the drop it causes
         before = xs <= collapse_x
         smoothed = np.concatenate([smooth(ys[before], window), smooth(ys[~before], window)])
-    return Curve(run.name, xs, ys, smoothed, collapse_x)
+    return Curve(run.name, xs, ys, smoothed, collapse_x, window)
 
 
 def run_params(run: Run) -> int | None:
@@ -305,10 +317,10 @@ def run_params(run: Run) -> int | None:
     return sum(param.numel() for param in policy_from_checkpoint(read_checkpoint(path)).parameters())
 
 
-def arm(run: Run, baseline: str | None) -> str:
+def arm(run: Run, baselines: Collection[str]) -> str:
     """A short label for the run's arm: what was done to it, not its name."""
-    if run.name == baseline or run.collapse is None:
-        return "baseline" if run.name == baseline else "uncollapsed"
+    if run.name in baselines or run.collapse is None:
+        return "baseline" if run.name in baselines else "uncollapsed"
     record = run.collapse
     # a fibration's arm is its choice of units
     label = record.get("metric", "fibration") if record.get("mode") == "fibration" else record.get("mode")
@@ -321,11 +333,14 @@ def compare_summary(
     runs: list[Run], curves: list[Curve], x: str, y: str, last: int, baseline: str | None, group: bool = False
 ) -> dict:
     """Per run, all from the cut (the first collapsed run's collapse, not a scratch run's): the mean y over its
-    last `last` epochs after the cut, the difference from the baseline's, the area under y over the span after
-    the cut that every run covers, and how long after the cut its (smoothed) y first reaches the baseline's mean
-    over the `last` epochs before it; the record's parameters kept, KL and value error. A scratch run starts at
-    the cut (its curve is moved there): it trains the small network while the branches train after the cut.
-    With `group`, runs of one arm (seeds) are summarised together, mean and spread (standard deviation)."""
+    last `last` epochs after the cut, the difference from its seed's baseline's, the area under y over the span after
+    the cut that every run covers, and how long after the cut its y, averaged over up to the curve's window of epochs
+    after the cut, first reaches its seed's baseline level, that baseline's mean over the `last` epochs up to the cut
+    (`stats.steps_to_regain`); the record's parameters kept, KL and value error. A seed's baseline is `baseline` for
+    its seed, else the first run without a collapse of that seed (seeds from config.json); a run whose seed has none
+    gets no difference or recovery. A scratch run starts at the cut (its curve is moved there): it trains the small
+    network while the branches train after the cut. With `group`, runs of one arm (seeds) are summarised together,
+    mean and spread (standard deviation), and the arms' last means are compared seed by seed (`arm_statistics`)."""
     reference = next(
         (
             curve.collapse_x
@@ -344,11 +359,18 @@ def compare_summary(
             if run.collapse is not None and run.collapse.get("mode") == "scratch":
                 curve.x, curve.collapse_x = curve.x + reference, reference
     end = min(float(curve.x[-1]) for curve in curves)
-    target = None
-    if baseline is not None and reference is not None:
-        base = next(curve for curve in curves if curve.name == baseline)
-        before = base.y[base.x <= reference][-last:]
-        target = float(before.mean()) if len(before) else None
+    named = next((run for run in runs if run.name == baseline), None)
+    baselines = {} if named is None else {named.seed: named}
+    for run in runs:
+        if named is not None and run.collapse is None:
+            baselines.setdefault(run.seed, run)
+    names = {run.name for run in baselines.values()}
+    curve_of = {curve.name: curve for curve in curves}
+    levels = {
+        seed: level_before_cut(curve_of[run.name].x, curve_of[run.name].y, reference, last)
+        for seed, run in baselines.items()
+        if reference is not None
+    }
     rows = []
     for run, curve in zip(runs, curves, strict=True):
         after = curve.x > reference if reference is not None else np.ones(len(curve.x), dtype=bool)
@@ -357,18 +379,21 @@ def compare_summary(
             notes.append(
                 f"{run.name}: {len(tail)} epochs after the cut, fewer than --last {last}: the mean is of those"
             )
+        if baselines and run.seed not in baselines:
+            notes.append(f"{run.name}: no baseline run of its seed {run.seed}: no difference or recovery")
         window = (curve.x >= (reference or 0.0)) & (curve.x <= end)
+        level = levels.get(run.seed)
         recover = None
-        if target is not None and run.name != baseline:
-            reached = after & (curve.smoothed >= target)
-            recover = float(curve.x[reached][0] - reference) if reached.any() else None
+        if run.name not in names and reference is not None:
+            recover = steps_to_regain(curve.x, curve.y, reference, level, curve.window)
         record = run.collapse or {}
         if record.get("mode") == "scratch":  # its record compares the small network with its own random start
             record = {key: value for key, value in record.items() if key not in ("kl_mean", "value_err")}
         rows.append(
             {
                 "run": run.name,
-                "arm": arm(run, baseline),
+                "arm": arm(run, names),
+                "seed": run.seed,
                 "mode": record.get("mode"),
                 "params": run_params(run),
                 "kept": record["params_after"] / record["params_before"] if "params_before" in record else None,
@@ -377,11 +402,13 @@ def compare_summary(
                 "collapse_x": curve.collapse_x,
                 "last_mean": float(tail.mean()) if len(tail) else None,
                 "auc": float(trapezoid(curve.y[window], curve.x[window])) if window.sum() >= 2 else None,
-                "to_recover": recover,
+                "level": level,
+                "to_recover": None if recover is None else float(recover),
             }
         )
-    base_mean = next((row["last_mean"] for row in rows if row["run"] == baseline), None)
-    for row in rows:
+    last_mean = {row["run"]: row["last_mean"] for row in rows}
+    for run, row in zip(runs, rows, strict=True):
+        base_mean = last_mean[baselines[run.seed].name] if run.seed in baselines else None
         row["difference"] = None if None in (base_mean, row["last_mean"]) else row["last_mean"] - base_mean
         row["difference_pct"] = (
             None if row["difference"] is None or not base_mean else row["difference"] / abs(base_mean)
@@ -393,29 +420,71 @@ def compare_summary(
         "baseline": baseline,
         "collapse_x": reference,
         "auc_span": None if reference is None else [reference, end],
-        "baseline_before_collapse": target,
+        "baseline_before_collapse": None if named is None else levels.get(named.seed),
         "runs": rows,
         "notes": notes,
     }
     if group:
         summary["arms"] = group_rows(rows)
+        summary.update(arm_statistics(summary["arms"], rows, notes))
     return summary
 
 
+GROUPED = ("kept", "kl_mean", "value_err", "last_mean", "difference", "difference_pct", "auc", "level", "to_recover")
+
+
 def group_rows(rows: list[dict]) -> list[dict]:
-    """The runs of each arm together: the mean and standard deviation of each measure, over the runs that have it;
-    `to_recover` only if every run recovered."""
+    """The runs of each arm together: the mean, standard deviation and number of runs of each measure, over the runs
+    that have it; `to_recover` only if every run with a level to recover recovered."""
     arms = []
     for label in dict.fromkeys(row["arm"] for row in rows):
         members = [row for row in rows if row["arm"] == label]
         summary = {"arm": label, "runs": [row["run"] for row in members]}
-        for key in ("kept", "kl_mean", "value_err", "last_mean", "difference", "difference_pct", "auc", "to_recover"):
-            values = [row[key] for row in members if row[key] is not None]
-            complete = len(values) == len(members) or key != "to_recover"
-            summary[key] = float(np.mean(values)) if values and complete else None
-            summary[f"{key}_std"] = float(np.std(values)) if values and complete else None
+        for key in GROUPED:
+            counted = [row for row in members if key != "to_recover" or row["level"] is not None]
+            values = [row[key] for row in counted if row[key] is not None]
+            if key == "to_recover" and len(values) < len(counted):
+                values = []  # a run that never recovered has no time to average in
+            summary[key] = float(np.mean(values)) if values else None
+            summary[f"{key}_std"] = float(np.std(values)) if values else None
+            summary[f"{key}_n"] = len(values)
         arms.append(summary)
     return arms
+
+
+def arm_statistics(arms: list[dict], rows: list[dict], notes: list[str]) -> dict:
+    """Each arm's last means, seed by seed: its paired difference from the baseline's (in the arm's summary,
+    `paired`) and from every other arm's, with 95 % bootstrap intervals; and rliable's interquartile mean per arm
+    and probability of improvement of each arm over the baseline."""
+    by_seed: dict[str, dict[int, float]] = {}
+    for group in arms:
+        by_seed[group["arm"]] = {}
+        for row in rows:
+            if row["arm"] == group["arm"] and row["seed"] is not None and row["last_mean"] is not None:
+                if row["seed"] in by_seed[group["arm"]]:
+                    notes.append(f"{group['arm']}: several runs of seed {row['seed']}: {row['run']} is paired")
+                by_seed[group["arm"]][row["seed"]] = row["last_mean"]
+        if len(by_seed[group["arm"]]) < len(group["runs"]):
+            notes.append(f"{group['arm']}: only runs with a seed in config.json and a last mean are paired")
+    labels = [group["arm"] for group in arms]
+    has_baseline = "baseline" in labels
+    for group in arms:
+        paired = has_baseline and group["arm"] != "baseline"
+        group["paired"] = paired_difference(by_seed[group["arm"]], by_seed["baseline"]) if paired else None
+    others = [label for label in labels if label != "baseline"]
+    between = [
+        {"a": a, "b": b, **difference}
+        for i, a in enumerate(others)
+        for b in others[i + 1 :]
+        if (difference := paired_difference(by_seed[a], by_seed[b])) is not None
+    ]
+    scores = {
+        group["arm"]: [row["last_mean"] for row in rows if row["arm"] == group["arm"] and row["last_mean"] is not None]
+        for group in arms
+    }
+    scores = {label: values for label, values in scores.items() if values}
+    pairs = [(label, "baseline") for label in scores if label != "baseline"] if "baseline" in scores else []
+    return {"paired_between_arms": between, "rliable": rliable_summary(scores, pairs) if scores else None}
 
 
 def compare_table(summary: dict) -> str:
@@ -424,11 +493,17 @@ def compare_table(summary: dict) -> str:
     has_baseline = summary["baseline"] is not None
 
     def cell(row: dict, key: str, spec: str) -> str:
+        if key == "paired":
+            return format_interval(row["paired"], spec=spec)
+        if key == "excludes_zero":
+            excludes = (row["paired"] or {}).get("excludes_zero")
+            return "-" if excludes is None else ("yes" if excludes else "no")
         if row.get(key) is None:
-            return "never" if key == "to_recover" and row.get("arm") != "baseline" and has_baseline else "-"
-        text = format(row[key], spec)
-        spread = row.get(f"{key}_std")
-        return text if not grouped or spread is None else f"{text}±{format(spread, spec)}"
+            never = key == "to_recover" and row.get("arm") != "baseline" and row.get("level") is not None
+            return "never" if never else "-"
+        if grouped:
+            return format_spread(row[key], row[f"{key}_std"], row[f"{key}_n"], spec)
+        return format(row[key], spec)
 
     columns = [
         ("kept", "kept", ".1%"),
@@ -440,8 +515,12 @@ def compare_table(summary: dict) -> str:
         ("auc", "AUC", ".4g"),
         ("to_recover", f"to recover ({x_unit})", f",.{decimals}f"),
     ]
+    if grouped:  # the difference seed by seed, with its interval
+        at = columns.index(("difference", "vs baseline", "+.4g"))
+        columns[at : at + 1] = [("paired", "vs baseline [95% CI]", "+.4g"), ("excludes_zero", "excludes 0", "")]
     if not has_baseline:
-        columns = [column for column in columns if column[0] not in ("difference", "difference_pct", "to_recover")]
+        hidden = ("difference", "difference_pct", "to_recover", "paired", "excludes_zero")
+        columns = [column for column in columns if column[0] not in hidden]
     first = ("arm", "runs") if grouped else ("run", "arm")
     table = [(*first, *(title for _, title, _ in columns))]
     for row in summary["arms"] if grouped else summary["runs"]:
@@ -457,10 +536,38 @@ def compare_table(summary: dict) -> str:
     if summary["baseline_before_collapse"] is not None:
         lines.append(
             f"baseline {summary['baseline']}, mean over the {summary['last']} epochs up to the cut: "
-            f"{summary['baseline_before_collapse']:.4g} (the level 'to recover' counts to)"
+            f"{summary['baseline_before_collapse']:.4g} (the level 'to recover' counts to; each run's is its seed's "
+            "baseline's)"
         )
     lines += [f"note: {note}" for note in summary["notes"]]
-    return "\n".join([*lines, format_table(table)])
+    return "\n".join([*lines, format_table(table), *statistics_lines(summary)])
+
+
+def statistics_lines(summary: dict) -> list[str]:
+    """What the grouped table's spreads and intervals are, the paired differences between arms, and rliable's."""
+    if "arms" not in summary:
+        return []
+    measure = f"last {summary['last']} mean"
+    lines = ["± standard deviation over the n runs that have the measure; n = 1 has no spread"]
+    if summary["baseline"] is not None:
+        lines.append(
+            f"vs baseline: the arm's {measure} minus its seed's baseline's, over the n seeds both have, 95% bootstrap "
+            "interval over seeds"
+        )
+    if summary["paired_between_arms"]:
+        lines.append(f"paired differences of the {measure} between arms (a - b, seed by seed, 95% bootstrap CI):")
+        for pair in summary["paired_between_arms"]:
+            excludes = {None: "", True: ", excludes 0", False: ", includes 0"}[pair["excludes_zero"]]
+            lines.append(f"  {pair['a']} - {pair['b']}: {format_interval(pair, spec='+.4g')}{excludes}")
+    if summary["rliable"] is not None:
+        iqm = summary["rliable"]["iqm"]
+        text = "; ".join(f"{label} {format_interval(value, 'iqm')}" for label, value in iqm.items())
+        lines.append(f"interquartile mean of the {measure} over runs (rliable, 95% CI): {text}")
+        improvement = summary["rliable"]["probability_of_improvement"]
+        if improvement:
+            text = "; ".join(f"{pair['x']} {format_interval(pair, 'probability', '.2f')}" for pair in improvement)
+            lines.append(f"probability that a run of the arm beats one of the baseline (rliable, 95% CI): {text}")
+    return lines
 
 
 def plot_compare(curves: list[Curve], summary: dict, window: int = 1) -> Figure:
