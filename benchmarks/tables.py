@@ -177,6 +177,12 @@ def spread(entry: dict | None, form: str) -> str:
     return f"{entry['mean']:{form}}" + ("" if entry["n"] == 1 else f" ± {entry['std']:{form.lstrip('+')}}")
 
 
+def excludes_zero(estimate: dict | None) -> str:
+    return (
+        "–" if estimate is None or estimate["excludes_zero"] is None else "yes" if estimate["excludes_zero"] else "no"
+    )
+
+
 @renderer
 def validation(results_dir: Path) -> str:
     """The validation's arms: mean ± std over seeds, and each arm's paired difference from the baseline (mean of
@@ -226,22 +232,14 @@ def validation_pairs(results_dir: Path) -> str:
             [
                 pair,
                 interval(reward, "+.4f"),
-                "–"
-                if reward is None or reward["excludes_zero"] is None
-                else "yes"
-                if reward["excludes_zero"]
-                else "no",
+                excludes_zero(reward),
                 "–"
                 if improvement is None
                 else interval(
                     {"mean": improvement["probability"], "low": improvement["low"], "high": improvement["high"]}, ".2f"
                 ),
                 interval(hearts, "+.2f"),
-                "–"
-                if hearts is None or hearts["excludes_zero"] is None
-                else "yes"
-                if hearts["excludes_zero"]
-                else "no",
+                excludes_zero(hearts),
             ]
         )
     return markdown(header, table)
