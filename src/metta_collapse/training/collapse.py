@@ -126,7 +126,7 @@ class CollapseSection(Config):
     optimizer_state: Literal["remap", "reset"] = "remap"
     recurrent_state: Literal["map", "reset"] = "map"
     seed: int = 0
-    # steps of the task evaluation after the cut (both policies on the same fresh maps, at most one episode;
+    # steps of the task evaluation after the cut (both policies on the same held-out maps, at most one episode;
     # 24 agents' worth of arena copies); 0: none
     eval_steps: int = Field(default=256, ge=0)
 
@@ -202,7 +202,7 @@ def print_record(record: dict) -> None:
 def print_evaluation(record: dict) -> None:
     per = "per episode" if record["eval_whole_episodes"] else f"in the first {record['eval_steps']} steps"
     print(
-        f"  in the task, on {record['eval_maps']} fresh maps, the same for both as are the action draws, "
+        f"  in the task, on {record['eval_maps']} held-out maps, the same for both as are the action draws, "
         f"{record['eval_steps']} steps each ({record['seconds_eval']:.2f}s):\n"
         f"    hearts per agent {per} {record['hearts_before']:.3f} -> {record['hearts_after']:.3f} (standard error "
         f"over {record['eval_agents']} agents {record['hearts_se_before']:.3f} -> {record['hearts_se_after']:.3f}), "
@@ -392,7 +392,8 @@ class CollapseTrainTool(TrainTool):
             steps_per_copy = self.rollout_steps() * self.training_env.make_config().game.num_agents
             fit.append(self.rollout_segments(policy, math.ceil(missing / steps_per_copy), seed, "fit"))
         fit_observations = torch.cat([f.to(device) for f in fit])
-        where = "fresh rollouts" if observations is None else f"epoch {epoch}'s experience, topped up by rollouts"
+        where = "rollouts on held-out fit maps" if observations is None else f"epoch {epoch}'s experience"
+        where += ", topped up by rollouts on held-out fit maps" if observations is not None and missing > 0 else ""
         description = (
             f"report part: {report.shape[0] * report.shape[1]:,} agent steps on held-out maps (fit part: "
             f"{fit_observations.shape[0] * horizon:,} agent steps of {where}; segments of {horizon} from zero state)"
