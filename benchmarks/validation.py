@@ -188,9 +188,14 @@ def checkpoint_at(train_dir: Path, name: str, epoch: int | None = None) -> Path:
 
 def symmetry(train_dir: Path, name: str) -> list[dict]:
     """The kept fraction of a collapse at each of the baseline's checkpoints: cosine at the study's thresholds
-    (the plain merge), the basis at its default rank_tol (with the refit), on fresh rollouts of that policy."""
+    (the plain merge), the basis at its default rank_tol (with the refit), on rollouts of that policy on held-out
+    maps. Kept beside each checkpoint, so a rerun measures each once."""
     rows = []
     for epoch, path in sorted(checkpoint_epochs(train_dir / name / "checkpoints", name).items()):
+        cached = path.with_suffix(".symmetry.json")
+        if cached.exists():
+            rows.append(json.loads(cached.read_text()))
+            continue
         policy = policy_from_checkpoint(load_checkpoint(path)).eval()
         data, _ = frontier_data(policy, "small", 6144, 2, 1, 64)
         kept = {}
@@ -198,6 +203,7 @@ def symmetry(train_dir: Path, name: str) -> list[dict]:
             record = collapse_copy(policy, data, CollapseConfig(metric=metric), refit)
             kept[metric] = record["params_after"] / record["params_before"]
         rows.append({"epoch": epoch, "kept_cosine": kept["cosine"], "kept_basis": kept["basis"]})
+        cached.write_text(json.dumps(rows[-1]))
     return rows
 
 
