@@ -112,6 +112,34 @@ def collapse_time(results_dir: Path) -> str:
 
 
 @renderer
+def speed(results_dir: Path) -> str:
+    """What a collapse saves in compute (`benchmarks/speed.py`): per policy its size, its latency alone and
+    training's agent steps/s with the epoch's time split, medians, and each against before the collapse."""
+    result = load(results_dir, "speed.json")
+    results, batch = result["results"], result["latency_batch"]
+    before = results["before"]
+    n = min(r["epochs"] for r in results.values())
+    header = ["policy", "parameters", "multiply-adds / agent step", f"latency alone, µs / agent step ({batch} agents)"]
+    header += [f"training agent steps/s (median of ≥ {n} epochs)", "epoch, s: env / forward / update / other"]
+    header.append("agent steps/s without the env")
+    rows = []
+    for label, r in results.items():
+        split = " / ".join(f"{seconds:.2f}" for seconds in r["median_split_seconds"].values())
+        rows.append(
+            [
+                label,
+                f"{r['params']:,} ({r['params'] / before['params']:.1%})",
+                f"{r['macs_per_step']:,} ({r['macs_per_step'] / before['macs_per_step']:.1%})",
+                f"{r['latency_seconds'] * 1e6:.1f} (×{before['latency_seconds'] / r['latency_seconds']:.2f})",
+                f"{r['median_sps']:,.0f} (×{r['median_sps'] / before['median_sps']:.2f})",
+                f"{r['median_epoch_seconds']:.2f}: {split}",
+                f"{r['ceiling_sps']:,.0f}",
+            ]
+        )
+    return markdown(header, rows)
+
+
+@renderer
 def distributed(results_dir: Path) -> str:
     """Agent steps per second in 1 and N processes (`benchmarks/distributed.py`)."""
     result = load(results_dir, "distributed.json")

@@ -1,5 +1,7 @@
 """Collapsing a live training state: policy, Adam state and packed recurrent-state buffers together."""
 
+import math
+
 import pytest
 import torch
 from planted import expand_fast
@@ -136,3 +138,65 @@ def test_the_record_costs_each_layer_as_the_network_of_its_widths():
     _, base_cost, _ = live.cost(base, lambda p, _: p(observations, {}), None)
     assert record["macs_per_step_after"] == base_cost["macs_per_step"] < record["macs_per_step_before"]
     assert record["seconds_per_step_before"] > 0 and record["seconds_per_step_after"] > 0
+
+
+def textbook_macs(policy: FastPolicy, observations: torch.Tensor) -> float:
+    """Multiply-adds per agent step of a `fast` policy by the textbook formulas, from its layers' shapes and
+    outputs (not FlopCounterMode, which the engine uses)."""
+    total = 0
+
+    def count(layer: torch.nn.Module, inputs: tuple, output) -> None:
+        nonlocal total
+        if isinstance(layer, torch.nn.Conv2d):
+            total += output.numel() * layer.in_channels * math.prod(layer.kernel_size)
+        elif isinstance(layer, torch.nn.Linear):
+            total += output.numel() * layer.in_features
+        elif isinstance(layer, torch.nn.LSTM):
+            h = layer.hidden_size
+            total += output[0].shape[:-1].numel() * 4 * h * (layer.input_size + h)
+
+    hooks = [m.register_forward_hook(count) for m in policy.modules()]
+    with torch.no_grad():
+        policy(observations, {})
+    for hook in hooks:
+        hook.remove()
+    core, steps = policy.core, observations.shape[:2].numel()
+    query, actions = core.action_query_weight.shape, core.action_embeddings.weight.shape[0]
+    return total / steps + math.prod(query) + query[1] * actions  # the two bare matrix products of the head
+
+
+@pytest.mark.parametrize("metric", ["basis", "cosine"])
+def test_a_multiply_add_budget_holds_on_the_network_built_at_the_kept_widths(metric):
+    torch.manual_seed(0)
+    widths = dict(SMALL, cnn1=16, cnn2=16, fc1=32, encoded_obs=32, lstm1=24, lstm2=24, actor_1=32, critic_1=32)
+    policy = FastPolicy(FastCore(24, 11, 11, 5, widths), 11, 11, torch.ones(24))
+    observations = tokens(32, 40)
+    buffers = {"lstm_h": torch.zeros(3, policy.hidden_size), "lstm_c": torch.zeros(3, policy.hidden_size)}
+    optimizer = torch.optim.Adam(policy.parameters())
+    before = textbook_macs(policy, observations)
+    config = mc.CollapseConfig(metric=metric)
+    arguments_ = arguments(policy, optimizer, observations, buffers, config)
+    _, record = live.collapse_live(**arguments_, budget=mc.Budget(macs=0.3))
+    kept = {layer["name"]: layer["width_after"] for layer in record["layers"]}
+    built = FastPolicy(
+        FastCore(24, 11, 11, 5, dict(SMALL, **{k: kept[k] for k in widths if k in kept})), 11, 11, torch.ones(24)
+    )
+    after = textbook_macs(built, observations)
+    assert after <= 0.3 * before
+    assert (record["macs_per_step_before"], record["macs_per_step_after"]) == (round(before), round(after))
+    assert kept["cnn1"] < widths["cnn1"]  # the encoder, most of the multiply-adds, is collapsed too
+
+
+def test_a_multiply_add_budget_collapses_the_planted_encoder_exactly():
+    base, policy, optimizer, observations = trained_planted()
+    observations = tokens(40, 40)
+    buffers = {"lstm_h": torch.zeros(3, policy.hidden_size), "lstm_c": torch.zeros(3, policy.hidden_size)}
+    fraction = textbook_macs(base, observations) / textbook_macs(policy, observations)
+    config = mc.CollapseConfig(metric="basis")
+    _, record = live.collapse_live(
+        **arguments(policy, optimizer, observations, buffers, config), budget=mc.Budget(macs=fraction)
+    )
+    kept = {layer["name"]: layer["width_after"] for layer in record["layers"]}
+    assert (kept["cnn1"], kept["cnn2"]) == (SMALL["cnn1"], SMALL["cnn2"])  # each channel's copy merged, no more
+    assert record["macs_per_step_after"] <= fraction * record["macs_per_step_before"]
+    assert record["kl_max"] <= 1e-6

@@ -140,7 +140,7 @@ def test_a_parameter_budget_takes_the_allocation_its_judge_prefers_within_the_bu
         judged.append((lstm_units(scale), sizer.config.rank_tol))
         return -lstm_units(scale)
 
-    scale = sizer.allocate(0.3, change)
+    scale = sizer.allocate(lambda plan: plan.kept_fraction <= 0.3, "budget.params=0.3", change)
     plan, _, knob = sizer.plan(scale)
     assert plan.kept_fraction <= 0.3 and len({units for units, _ in judged}) > 1
     assert lstm_units(scale) == max(units for units, _ in judged)

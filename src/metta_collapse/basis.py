@@ -199,15 +199,18 @@ def smallest_scale(ok: Callable[[float], bool], low: float, high: float, what: s
     return high
 
 
-def scale_for_params(plan: CollapsePlan, found: list[Basis], rank_tol: RankTol, fraction: float) -> float:
-    """The smallest scale of `rank_tol` whose plan keeps at most `fraction` of the parameters."""
+def scale_within(
+    plan: CollapsePlan, found: list[Basis], rank_tol: RankTol, within: Callable[[CollapsePlan], bool], what: str
+) -> float:
+    """The smallest scale of `rank_tol` whose plan is `within` a size budget (e.g. keeps at most a fraction of the
+    parameters)."""
 
-    def within(scale: float) -> bool:
+    def ok(scale: float) -> bool:
         apply_widths(plan, found, widths_at(found, rank_tol, scale))
-        return plan.kept_fraction <= fraction
+        return within(plan)
 
     high = 1.0 / min(rank_tol.model_dump().values())  # every tolerance 1: one unit a layer
-    return smallest_scale(within, 1e-6, high, f"budget.params={fraction}")
+    return smallest_scale(ok, 1e-6, high, what)
 
 
 def select_basis(
@@ -236,7 +239,10 @@ def select_basis(
     finally:
         for module, training in modes.items():
             module.training = training
-    scale = 1.0 if params is None else scale_for_params(plan, found, rank_tol, params)
+    if params is None:
+        scale = 1.0
+    else:
+        scale = scale_within(plan, found, rank_tol, lambda p: p.kept_fraction <= params, f"budget.params={params}")
     kept = apply_widths(plan, found, widths_at(found, rank_tol, scale))
     chosen = {"rank_tol": rank_tol.scaled(scale), "scale": scale}
     return plan, kept, chosen

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "frontier",
         help="behaviour change against size for each choice of units, plain and refitted: to choose a budget",
         description="Rolls a checkpoint's policy out in its arena (fit, select and report parts on different maps), "
-        "collapses copies of it at each budget.params with each choice of units, plain and with the refit, and "
+        "collapses copies of it at each budget (of --size) with each choice of units, plain and with the refit, and "
         "random units + refit at the basis's widths, and measures each on the report part: whole episodes from "
         "zero state. Prints the table, writes frontier.json and frontier.png.",
     )
@@ -93,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets",
         type=fractions,
         default="0.9,0.6,0.45,0.3,0.2,0.15",
-        help="kept fractions of the parameters, comma-separated (default 0.9,0.6,0.45,0.3,0.2,0.15)",
+        help="kept fractions of --size, comma-separated (default 0.9,0.6,0.45,0.3,0.2,0.15)",
+    )
+    frontier.add_argument(
+        "--size",
+        choices=["params", "macs"],
+        default="params",
+        help="what a budget keeps a fraction of: the parameters (budget.params, default) or the multiply-adds per "
+        "agent step (budget.macs)",
     )
     frontier.add_argument("--seeds", type=positive_int, default=3, help="random units + refit: seeds (default 3)")
     frontier.add_argument("--fit-steps", type=positive_int, default=6144, help="agent steps to fit on (default 6144)")
@@ -193,6 +200,7 @@ def run_frontier(args: argparse.Namespace) -> None:
         fit_steps=args.fit_steps,
         report_copies=args.report_copies,
         progress=lambda line: print(line, file=sys.stderr),
+        size=args.size,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontier.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -39,18 +39,28 @@ class RankTol(_Strict):
 
 
 class Budget(_Strict):
-    """Size the collapse by what it may cost instead of by the chosen units' own knob (at most one of the two):
-    `params`, the kept fraction of the parameters (at most this); `kl`, the mean KL divergence of the action
-    distribution after the refit on the select part of the data (at most this)."""
+    """Size the collapse by what it may cost instead of by the chosen units' own knob (at most one of these):
+    `params`, the kept fraction of the parameters (at most this); `macs`, the kept fraction of the policy's
+    multiply-adds per agent step (at most this); `kl`, the mean KL divergence of the action distribution after
+    the refit on the select part of the data (at most this)."""
 
     params: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    macs: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     kl: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one(self) -> "Budget":
-        if self.params is not None and self.kl is not None:
-            raise ValueError("give budget.params or budget.kl, not both")
+        given = [f"budget.{name}" for name in ("params", "macs", "kl") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of budget.params, budget.macs and budget.kl, not {' and '.join(given)}")
         return self
+
+    @property
+    def size(self) -> tuple[str, float] | None:
+        """The fraction of the model a size budget keeps: ("params" or "macs", fraction); None without one."""
+        return next(
+            ((name, getattr(self, name)) for name in ("params", "macs") if getattr(self, name) is not None), None
+        )
 
 
 class CollapseConfig(_Strict):
@@ -93,17 +103,17 @@ def check_section(section: Any) -> None:
     the chosen units' own knob or a budget. Raises ValueError naming the override paths."""
     given = [f"collapse.{name}.*" for name in ("thresholds", "rank_tol") if getattr(section, name).model_fields_set]
     budget = section.budget
-    given += [f"collapse.budget.{name}" for name in ("params", "kl") if getattr(budget, name) is not None]
+    given += [f"collapse.budget.{name}" for name in ("params", "macs", "kl") if getattr(budget, name) is not None]
     own = "rank_tol" if section.metric == "basis" else "thresholds"
     foreign = [g for g in given if g.startswith("collapse.t" if own == "rank_tol" else "collapse.r")]
     if foreign:
         raise ValueError(
             f"{foreign[0]} is not a knob of collapse.metric={section.metric}: its size is set by "
-            f"collapse.{own}.* or collapse.budget.params / collapse.budget.kl"
+            f"collapse.{own}.* or collapse.budget.params / collapse.budget.macs / collapse.budget.kl"
         )
     if len(given) > 1:
         raise ValueError(f"the collapse's size is set twice ({' and '.join(given)}): give one of them")
-    if section.metric == "exact" and (budget.params is not None or budget.kl is not None):
+    if section.metric == "exact" and any(value is not None for value in budget.model_dump().values()):
         raise ValueError("collapse.metric=exact merges exact copies only: it has no size to budget")
     if section.epoch_fraction is not None and "epoch_idx" in section.model_fields_set:
         raise ValueError("collapse.epoch_fraction sets collapse.epoch_idx from the run's length: give one of them")
@@ -114,8 +124,13 @@ def check_section(section: Any) -> None:
         )
 
 
-# what both runtimes' sweeps search, by override path: (min, max, search centre), logit-normal in (0, 1)
-SWEEP_SPACE = {"collapse.budget.params": (0.05, 0.9, 0.3), "collapse.epoch_fraction": (0.2, 0.8, 0.5)}
+Size = Literal["params", "macs"]
+
+
+def sweep_space(size: Size = "params") -> dict[str, tuple[float, float, float]]:
+    """What both runtimes' sweeps search, by override path: (min, max, search centre), logit-normal in (0, 1);
+    `size`: which budget sizes the collapse, the kept fraction of the parameters or of the multiply-adds."""
+    return {f"collapse.budget.{size}": (0.05, 0.9, 0.3), "collapse.epoch_fraction": (0.2, 0.8, 0.5)}
 
 
 def epoch_at_fraction(fraction: float, epochs: int, interval: int = 1) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from metta_collapse.analysis import analyze
-from metta_collapse.basis import apply_widths, bases, scale_for_params, smallest_scale, structure, widths_at
+from metta_collapse.basis import apply_widths, bases, scale_within, smallest_scale, structure, widths_at
 from metta_collapse.config import Budget, CollapseConfig, ModelSpec, RankTol, Thresholds
 from metta_collapse.errors import CollapseError
 from metta_collapse.plan import CollapsePlan
@@ -103,6 +103,11 @@ def cost(policy: nn.Module, behaviour: Behaviour, plan: CollapsePlan | None) -> 
     return outputs, {"seconds_per_step": seconds / steps, "macs_per_step": macs}, counted
 
 
+def _counted_macs(counted: dict, name: str) -> float:
+    """The multiply-adds FlopCounterMode counted in the module `name` (relative to the collapsed module)."""
+    return next((n for key, n in counted.items() if key.endswith(f".{name}")), 0)
+
+
 def layer_costs(module: nn.Module, names: list[str], counted: dict) -> dict[str, dict]:
     """Parameters and multiply-adds per agent step of the named layers of `module` (`counted`: from `cost`)."""
     costs = {}
@@ -111,9 +116,22 @@ def layer_costs(module: nn.Module, names: list[str], counted: dict) -> dict[str,
             layer = module.get_submodule(name)
         except AttributeError:  # a bare parameter
             continue
-        macs = _recurrent_macs(layer) + next((n for key, n in counted.items() if key.endswith(f".{name}")), 0)
+        macs = _recurrent_macs(layer) + _counted_macs(counted, name)
         costs[name] = {"params": sum(p.numel() for p in layer.parameters()), "macs": round(macs)}
     return costs
+
+
+def weight_uses(module: nn.Module, counted: dict) -> dict[str, float]:
+    """Per weight of `module`, by name, the multiply-adds per agent step of each of its entries (`counted`: from
+    `cost`): a linear or convolutional layer's count over its weight's size (a convolution's weight is used at
+    every position), a recurrent weight matrix once."""
+    uses = {}
+    for owner, layer in module.named_modules():
+        if isinstance(layer, nn.RNNBase):
+            uses |= {f"{owner}.{name}".lstrip("."): 1.0 for name, p in layer.named_parameters() if p.dim() == 2}
+        elif isinstance(layer, nn.Linear | nn.modules.conv._ConvNd) and owner:
+            uses[f"{owner}.weight"] = _counted_macs(counted, owner) / layer.weight.numel()
+    return uses
 
 
 @dataclass
@@ -161,17 +179,24 @@ class Sizer:
         plan = analyze(self.module, self.data.example or self.data.fit, scaled, self.spec)
         return plan, None, {"thresholds": thresholds}
 
-    def allocate(self, fraction: float, change: Callable[[float], float]) -> float:
-        """budget.params with a basis: of the configured rank tolerances and those with one kind's halved (the
-        others then loosen to keep the budget), the ones whose plan at `fraction` changes the policy least,
-        `change(scale)` (the select part's KL after the refit). Sets them as the config; returns their scale."""
+    def allocate(
+        self,
+        within: Callable[[CollapsePlan], bool],
+        what: str,
+        change: Callable[[float], float],
+        factors: tuple[float, ...] = (0.5,),
+    ) -> float:
+        """A size budget with a basis: of the configured rank tolerances and those with one kind's times one of
+        `factors` (the others then tighten or loosen to keep the budget), the ones whose plan `within` the budget
+        changes the policy least, `change(scale)` (the select part's KL after the refit). Sets them as the config;
+        returns their scale."""
         base, best, seen = self.config, None, set()
-        for kind in (None, *RankTol.model_fields):
+        for kind, factor in [(None, 1.0), *((k, f) for f in factors for k in RankTol.model_fields)]:
             tolerances = base.rank_tol.model_dump()
             if kind is not None:
-                tolerances[kind] /= 2
+                tolerances[kind] = min(1.0, tolerances[kind] * factor)
             self.config = base.model_copy(update={"rank_tol": RankTol(**tolerances)})
-            scale = self.for_params(fraction)
+            scale = self.for_size(within, what)
             widths = tuple(widths_at(self.bases, self.config.rank_tol, scale))
             if widths not in seen:
                 seen.add(widths)
@@ -180,15 +205,15 @@ class Sizer:
         self.config = best[1]
         return best[2]
 
-    def for_params(self, fraction: float) -> float:
-        """The smallest scale whose plan keeps at most `fraction` of the parameters."""
+    def for_size(self, within: Callable[[CollapsePlan], bool], what: str) -> float:
+        """The smallest scale whose plan is `within` a size budget."""
         if self.config.metric == "basis":
-            return scale_for_params(copy.deepcopy(self.structure), self.bases, self.config.rank_tol, fraction)
+            return scale_within(copy.deepcopy(self.structure), self.bases, self.config.rank_tol, within, what)
         return smallest_scale(
-            lambda scale: self.plan(scale)[0].kept_fraction <= fraction,
+            lambda scale: within(self.plan(scale)[0]),
             1e-3,
             self.largest_scale,
-            f"budget.params={fraction}",
+            what,
             steps=12,  # each step is an analysis
         )
 
@@ -265,10 +290,27 @@ def collapse_live(
             return behaviour_change(reference(), data.select_behaviour(trial, plan))["kl_mean"]
 
     scale = 1.0
-    if budget.params is not None and config.metric == "basis" and data.select_behaviour is not None:
-        scale = sizer.allocate(budget.params, select_kl)
-    elif budget.params is not None:
-        scale = sizer.for_params(budget.params)
+    if budget.size is not None:
+        size, fraction = budget.size
+        uses, macs_before = weight_uses(module, counted_before), cost_before["macs_per_step"]
+
+        def within(plan: CollapsePlan) -> bool:
+            if size == "params":
+                return plan.kept_fraction <= fraction
+            saved = sum(
+                uses[name] * (math.prod(p.shape) - math.prod(p.new_shape()))
+                for name, p in plan.params.items()
+                if name in uses
+            )
+            return macs_before - saved <= fraction * macs_before
+
+        what = f"budget.{size}={fraction}"
+        if config.metric == "basis" and data.select_behaviour is not None:
+            # under a multiply-add budget one kind may also take most of the cut: the convolutions hold most of them
+            factors = (0.5,) if size == "params" else (0.5, 4.0)
+            scale = sizer.allocate(within, what, select_kl, factors)
+        else:
+            scale = sizer.for_size(within, what)
     elif budget.kl is not None:
         if data.select_behaviour is None:
             raise CollapseError("budget.kl needs the select part of the data")

@@ -830,19 +830,20 @@ def test_inside_metta_a_collapsed_fast_policy_reloads_strictly_from_its_checkpoi
 
 
 @needs_current
-def test_inside_metta_the_sweep_searches_override_paths_of_the_train_tool():
+@pytest.mark.parametrize("size", ["params", "macs"])
+def test_inside_metta_the_sweep_searches_override_paths_of_the_train_tool(size: str):
     recipe = importlib.import_module("experiments.recipes.collapse_arena")
-    sweep = recipe.sweep("cs1")
+    sweep = recipe.sweep("cs1", size=size)
     assert (sweep.recipe_module, sweep.train_entrypoint) == ("experiments.recipes.collapse_arena", "train")
-    searched = {"collapse.budget.params", "collapse.epoch_fraction"}
-    assert set(sweep.search_space) == set(mc.config.SWEEP_SPACE) == searched
+    searched = {f"collapse.budget.{size}", "collapse.epoch_fraction"}
+    assert set(sweep.search_space) == set(mc.config.sweep_space(size)) == searched
     tool = recipe.train()
     for path, parameter in sweep.search_space.items():  # what a trial does: `./tools/run.py ... path=value`
         tool.override(path, parameter.max)
     adapter.refuse_unsupported(tool)  # one knob: a trial runs
     adapter.apply_epoch_fraction(tool)
     epochs = -(-tool.trainer.total_timesteps // tool.trainer.batch_size)
-    assert tool.collapse.budget.params == sweep.search_space["collapse.budget.params"].max
+    assert getattr(tool.collapse.budget, size) == sweep.search_space[f"collapse.budget.{size}"].max
     assert 1 <= tool.collapse.epoch_idx < epochs  # every trial collapses inside its own agent steps
 
 

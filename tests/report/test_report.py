@@ -442,6 +442,11 @@ def test_frontier_of_a_checkpoint_writes_every_arm_within_its_budget(tmp_path: P
     assert result["data"]["maps"] == {"fit": 1, "select": 2, "report": 1}
     assert "random units (basis widths)" in capsys.readouterr().out
     assert main(["frontier", str(tmp_path / "missing.pt")]) == 2
+    assert main([*argv, "--size", "macs", "--out", str(tmp_path / "macs")]) == 0  # the multiply-adds budgeted
+    result = json.loads((tmp_path / "macs" / "frontier.json").read_text())
+    at_budget = [row for row in result["rows"] if row["budget"] == 0.5]
+    assert result["size"] == "macs" and len(at_budget) == 7 and all(row["macs_kept"] <= 0.5 for row in at_budget)
+    assert "MACs kept" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("module", ["metta_collapse", "metta_collapse.cli"])

@@ -238,13 +238,17 @@ def test_the_size_is_set_by_exactly_one_knob(tmp_path: Path):
         ("collapse.budget.params=0.3", "collapse.rank_tol.cnn=0.1"): "the collapse's size is set twice",
         ("collapse.metric=cosine", "collapse.budget.kl=0.001", "collapse.thresholds.cnn=0.4"): "set twice",
         ("collapse.metric=exact", "collapse.budget.params=0.5"): "it has no size to budget",
+        ("collapse.metric=exact", "collapse.budget.macs=0.5"): "it has no size to budget",
+        ("collapse.budget.macs=0.3", "collapse.rank_tol.cnn=0.1"): "the collapse's size is set twice",
         ("collapse.fit_steps=500",): "needs at least 1000 agent steps",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             build_tool([*common, *overrides]).invoke()
-    with pytest.raises(ConfigError, match="budget.params or budget.kl, not both"):
+    with pytest.raises(ConfigError, match="budget.params and budget.kl"):
         build_tool([*common, "collapse.budget.params=0.3", "collapse.budget.kl=0.01"])
+    with pytest.raises(ConfigError, match="not budget.params and budget.macs"):
+        build_tool([*common, "collapse.budget.params=0.3", "collapse.budget.macs=0.3"])
     assert not (tmp_path / "x").exists()
 
 

@@ -33,17 +33,20 @@ def sweep_tool(tmp_path: Path, *extra: str):
     )
 
 
+@pytest.mark.parametrize("size", ["params", "macs"])
 def test_trials_branch_from_one_baseline_collapse_inside_their_steps_and_the_frontier_is_printed(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, size: str
 ):
-    sweep_tool(tmp_path, "trial.collapse.refit=false").invoke()  # refit off: a short test
+    sweep_tool(tmp_path, "trial.collapse.refit=false", f"size={size}").invoke()  # refit off: a short test
     rows = json.loads((tmp_path / "s" / "results.json").read_text())["trials"]
     assert len(rows) == 2 and len(checkpoint_epochs(tmp_path / "s.baseline" / "checkpoints", "s.baseline")) == EPOCHS
     for row in rows:
         record = json.loads((tmp_path / row["run"] / "collapse.json").read_text())
         assert record["source"] == "s.baseline" and 1 <= record["source_epoch"] < EPOCHS
         assert row["collapse.epoch_idx"] == int(row["collapse.epoch_fraction"] * EPOCHS)
-        assert row["kept"] == record["params_after"] / record["params_before"] <= row["collapse.budget.params"]
+        count = "params" if size == "params" else "macs_per_step"
+        assert row["kept"] == record[f"{count}_after"] / record[f"{count}_before"] <= row[f"collapse.budget.{size}"]
+        assert record["budget"][size] == row[f"collapse.budget.{size}"]
         assert (row["kl_mean"], row["value_err"]) == (record["kl_mean"], record["value_err"])
         assert row["score"] == pytest.approx(row["reward"] / row["baseline_reward"] - 0.5 * row["kept"])
     with (tmp_path / "s" / "results.csv").open() as table:

@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -50,7 +51,8 @@ def test_smoke_run_leaves_checkpoints_metrics_and_an_offline_wandb_run(tmp_path:
     tool = tiny_tool(tmp_path, "smoke", total=3 * 384)
     train(tool, on_epoch_end=on_epoch_end)
     assert seen == [(1, 384), (2, 768), (3, 1152)]
-    assert "579,862 parameters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "579,862 parameters" in out
 
     run_dir = tmp_path / "smoke"
     metrics = read_metrics(run_dir / "metrics.jsonl")
@@ -59,6 +61,12 @@ def test_smoke_run_leaves_checkpoints_metrics_and_an_offline_wandb_run(tmp_path:
         assert key in metrics[-1]
     for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
         assert f"losses/{key}" in metrics[-1]
+    for m in metrics:  # every epoch's time split, from PuffeRL's profile taken every epoch
+        parts = [m[f"performance/{part}_seconds"] for part in ("env", "forward", "update", "other")]
+        assert all(seconds > 0 for seconds in parts)
+        assert sum(parts) == pytest.approx(m["performance/epoch_seconds"], rel=0.1)
+        assert m["overview/sps"] == pytest.approx(384 / m["performance/epoch_seconds"])
+    assert "env/forward/update/other " in out
 
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert [n.split("__t")[0] for n in names] == ["smoke__e2__s768", "smoke__e3__s1152"]

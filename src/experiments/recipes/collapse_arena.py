@@ -46,6 +46,7 @@ else:
 
         return arena_basic_easy_shaped.evaluate_in_sweep(policy_uri)
 
-    def sweep(sweep_name: str):  # noqa: ANN201
-        """Metta's Protein sweep (current era) over `collapse.thresholds.*` and `collapse.epoch_idx`."""
-        return metta_sweep(sweep_name, recipe=__name__)
+    def sweep(sweep_name: str, size: str = "params"):  # noqa: ANN201
+        """Metta's Protein sweep (current era) over `collapse.budget.<size>` (params or macs) and the fraction of
+        the run at which the collapse comes."""
+        return metta_sweep(sweep_name, recipe=__name__, size=size)

@@ -188,9 +188,10 @@ def metta_train() -> Any:
     return metta_train_tool_class()(**{name: getattr(base, name) for name in type(base).model_fields})
 
 
-def metta_sweep(sweep_name: str, recipe: str) -> Any:
-    """Current era: Metta's Protein sweep over the collapse's parameter budget and the fraction of the run at
-    which it comes (override paths of the train tool, so a trial is `./tools/run.py ... path=value`)."""
+def metta_sweep(sweep_name: str, recipe: str, size: mc.config.Size = "params") -> Any:
+    """Current era: Metta's Protein sweep over the collapse's size budget (`size`: of the parameters or the
+    multiply-adds) and the fraction of the run at which it comes (override paths of the train tool, so a trial is
+    `./tools/run.py ... path=value`)."""
     if detect_era() != "current":
         raise NotImplementedError("the Metta sweep is built for the current era only; September: use the embedded one")
     from metta.sweep.core import Distribution as D
@@ -199,7 +200,7 @@ def metta_sweep(sweep_name: str, recipe: str) -> Any:
 
     parameters = [
         SP.param(path, D.LOGIT_NORMAL, min=low, max=high, search_center=center)
-        for path, (low, high, center) in mc.config.SWEEP_SPACE.items()
+        for path, (low, high, center) in mc.config.sweep_space(size).items()
     ]
     return make_sweep(
         name=sweep_name,

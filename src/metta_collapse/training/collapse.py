@@ -147,10 +147,11 @@ class CollapseSection(Config):
     def branch_name(self) -> str:
         """The study's names, {src}_epoch_{E}_{base|ablationsrandom|small_scratch}_{linear}_{cnn}_{lstm}_{critic},
         with the metric when not cosine, `basis_` and the rank tolerances for the basis, `params…`/`kl…` for a
-        budget in place of the knob, and `_norefit` without the refit."""
+        budget in place of the knob (`macs…` likewise), and `_norefit` without the refit."""
         arm = {"fibration": "base", "random_ablation": "ablationsrandom", "scratch": "small_scratch"}[self.mode]
-        if self.budget.params is not None or self.budget.kl is not None:
-            knob = f"params{self.budget.params}" if self.budget.params is not None else f"kl{self.budget.kl}"
+        budget = next(((name, value) for name, value in self.budget.model_dump().items() if value is not None), None)
+        if budget is not None:
+            knob = f"{budget[0]}{budget[1]}"
         else:
             values = (self.rank_tol if self.metric == "basis" else self.thresholds).model_dump().values()
             knob = "_".join(str(v) for v in values) if self.metric != "exact" else ""

@@ -52,6 +52,7 @@ def row(record: dict, units: str, budget: float | None, seed: int | None = None)
         "budget": budget,
         "seed": seed,
         "kept": record["params_after"] / record["params_before"],
+        "macs_kept": record["macs_per_step_after"] / record["macs_per_step_before"],
         **{key: record[key] for key in ("kl_mean", "kl_max", "value_err", "top1", "seconds")},
         "widths": {layer["name"]: layer["width_after"] for layer in record["layers"]},
     }
@@ -68,7 +69,9 @@ def frontier(
     report_copies: int = 4,
     horizon: int = 64,
     progress=print,
+    size: mc.config.Size = "params",
 ) -> dict:
+    """`size`: what the budgets keep a fraction of, the parameters or the multiply-adds per agent step."""
     try:
         checkpoint = load_checkpoint(checkpoint_path)
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
@@ -87,7 +90,8 @@ def frontier(
     for budget in budgets:
         for name in units:
             # the recipe's budget search, once; the plain arm and random units reuse the knob it chose
-            refitted = collapse_copy(policy, data, mc.CollapseConfig(metric=name), True, mc.Budget(params=budget))
+            budget_ = mc.Budget(**{size: budget})
+            refitted = collapse_copy(policy, data, mc.CollapseConfig(metric=name), True, budget_)
             knob = "rank_tol" if name == "basis" else "thresholds"
             config = mc.CollapseConfig(metric=name, **{knob: refitted[knob]})
             rows += [row(refitted, name, budget), row(collapse_copy(policy, data, config, False), name, budget)]
@@ -95,13 +99,14 @@ def frontier(
                 for seed in range(random_seeds):
                     record = collapse_copy(policy, data, config, True, mode="random_ablation", seed=seed)
                     rows.append(row(record, "random units (basis widths)", budget, seed))
-        progress(f"budget.params={budget}: done")
+        progress(f"budget.{size}={budget}: done")
     return {
         "checkpoint": str(checkpoint_path),
         "sha256": hashlib.sha256(checkpoint_path.read_bytes()).hexdigest(),
         "run": checkpoint.get("run"),
         "epoch": checkpoint.get("epoch"),
         "arena": arena,
+        "size": size,
         "data": sizes,
         "report": data.description,
         "rows": rows,
@@ -111,7 +116,8 @@ def frontier(
 def frontier_table(result: dict) -> str:
     from metta_collapse.training.report import format_table
 
-    rows = [("budget", "units", "refit", "seed", "kept", "KL mean", "KL max", "value err", "top-1", "seconds")]
+    header = ("budget", "units", "refit", "seed", "params kept", "MACs kept", "KL mean", "KL max", "value err", "top-1")
+    rows = [(*header, "seconds")]
     for r in result["rows"]:
         rows.append(
             (
@@ -120,6 +126,7 @@ def frontier_table(result: dict) -> str:
                 "yes" if r["refit"] else "no",
                 "" if r["seed"] is None else str(r["seed"]),
                 f"{r['kept']:.1%}",
+                f"{r['macs_kept']:.1%}",
                 f"{r['kl_mean']:.2e}",
                 f"{r['kl_max']:.2e}",
                 f"{r['value_err']:.3f}",
@@ -140,14 +147,16 @@ def plot_frontier(result: dict) -> Figure:
             series.setdefault((r["units"], r["refit"]), []).append(r)
     for index, ((units, refit), points) in enumerate(sorted(series.items())):
         random = units.startswith("random")
-        points = sorted(points, key=lambda p: p["kept"])
+        kept = "macs_kept" if result.get("size") == "macs" else "kept"
+        points = sorted(points, key=lambda p: p[kept])
         style = {"linestyle": "none" if random else ("-" if refit else "--"), "marker": "x" if random else "o"}
         label = f"{units}{' + refit' if refit else ', plain'}"
         color = f"C{index}"
         for axes, key in ((kl_axes, "kl_mean"), (value_axes, "value_err")):
-            axes.plot([p["kept"] for p in points], [p[key] for p in points], color=color, label=label, **style)
+            axes.plot([p[kept] for p in points], [p[key] for p in points], color=color, label=label, **style)
     for axes, title in ((kl_axes, "KL(original || collapsed), mean"), (value_axes, "value error max|dv|/max|v|")):
-        axes.set_xlabel("fraction of parameters kept")
+        what = "multiply-adds" if result.get("size") == "macs" else "parameters"
+        axes.set_xlabel(f"fraction of {what} kept")
         axes.set_yscale("log")
         axes.set_title(title)
         axes.grid(alpha=0.3, which="both")

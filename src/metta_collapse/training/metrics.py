@@ -7,6 +7,15 @@ from pathlib import Path
 
 from metta_collapse.training.config import ConfigError, TrainTool
 
+# an epoch's wall time by PuffeRL's own profile sections: performance/<name>_seconds
+TIME_SPLIT = {
+    "env": ("env",),  # stepping the environments
+    "forward": ("eval_forward",),  # the rollout's policy forward and action sampling
+    "update": ("train_forward", "learn"),  # the update's forward, backward and optimizer steps
+    "other": ("eval_copy", "eval_misc", "train_copy", "train_misc"),  # copies, advantages, bookkeeping
+}
+
+
 # what measures wall time: the only fields in which two runs of one command with one seed differ on one machine
 TIMING_FIELDS = frozenset(
     {
@@ -20,7 +29,8 @@ TIMING_FIELDS = frozenset(
             "seconds_eval",
         )
     }
-    | {"metric/total_time", "overview/sps"}
+    | {"metric/total_time", "overview/sps", "performance/epoch_seconds"}
+    | {f"performance/{part}_seconds" for part in TIME_SPLIT}
 )
 
 

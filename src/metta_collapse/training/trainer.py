@@ -24,7 +24,7 @@ from metta_collapse.training.checkpoint import (
     save_checkpoint,
 )
 from metta_collapse.training.config import TrainTool
-from metta_collapse.training.metrics import MetricsLogger
+from metta_collapse.training.metrics import TIME_SPLIT, MetricsLogger
 from metta_collapse.training.policy import FastPolicy, make_policy
 
 # Importing pufferl turns every RuntimeWarning into an error and makes Ctrl+C exit with status 0 without
@@ -40,7 +40,18 @@ if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
 
 
 class Trainer(pufferlib.pufferl.PuffeRL):
-    """PuffeRL without its full-screen dashboard and its own checkpoint files (Metta-style ones instead)."""
+    """PuffeRL without its full-screen dashboard and its own checkpoint files (Metta-style ones instead), its
+    profile taken every epoch (PuffeRL's default: every fifth)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.profile = pufferlib.pufferl.Profile(frequency=1)
+
+    def time_split(self) -> dict[str, float]:
+        """Seconds spent so far in each part of `TIME_SPLIT`."""
+        return {
+            part: sum(self.profile.profiles[s]["elapsed"] for s in sections) for part, sections in TIME_SPLIT.items()
+        }
 
     def print_dashboard(self, *args: object, **kwargs: object) -> None:
         pass
@@ -154,13 +165,18 @@ def puffer_config(tool: TrainTool, seed: int, world: int = 1) -> dict:
     }
 
 
-def epoch_metrics(state: TrainerState, logs: dict, epoch_seconds: float, epoch_steps: int, wall_time: float) -> dict:
+def epoch_metrics(
+    state: TrainerState, logs: dict, epoch_seconds: float, epoch_steps: int, wall_time: float, split: dict
+) -> dict:
+    """`split`: this epoch's seconds per part of `TIME_SPLIT`."""
     trainer = state.trainer
     metrics = {
         "metric/epoch": trainer.epoch,
         "metric/agent_step": state.agent_step,
         "metric/total_time": wall_time,
         "overview/sps": epoch_steps / epoch_seconds,
+        "performance/epoch_seconds": epoch_seconds,
+        **{f"performance/{part}_seconds": seconds for part, seconds in split.items()},
         "experience/rewards": trainer.rewards.mean().item(),
         "trainer/learning_rate": trainer.optimizer.param_groups[0]["lr"],
         **{f"losses/{name}": value for name, value in trainer.losses.items()},
@@ -228,14 +244,15 @@ def train(tool: TrainTool, on_epoch_end: Callable[[TrainerState], None] | None =
     start = time.time()
     try:
         while state.agent_step < total and not state.stop:
-            epoch_start, steps_before = time.time(), state.agent_step
+            epoch_start, steps_before, split_before = time.time(), state.agent_step, trainer.time_split()
             trainer.evaluate()
             # PuffeRL refreshes its loss and environment statistics only when it logs, at most every 0.25 s
             trainer.last_log_time = 0.0
             logs = trainer.train() or {}
             wall_time = wall_offset + time.time() - start
+            split = {part: seconds - split_before[part] for part, seconds in trainer.time_split().items()}
             state.metrics = epoch_metrics(
-                state, logs, time.time() - epoch_start, state.agent_step - steps_before, wall_time
+                state, logs, time.time() - epoch_start, state.agent_step - steps_before, wall_time, split
             )
             if on_epoch_end is not None:
                 on_epoch_end(state)
@@ -279,6 +296,8 @@ def print_progress(metrics: dict[str, float], total: int) -> None:
         line += f" | hearts/episode {metrics['env_agent/heart.gained']:.2f}"
     losses = [(name, metrics.get(f"losses/{key}")) for name, key in LOSSES]
     line += "".join(f" | {name} {value:.3g}" for name, value in losses if value is not None)
+    split = "/".join(f"{metrics[f'performance/{part}_seconds']:.2f}" for part in TIME_SPLIT)
+    line += f" | {'/'.join(TIME_SPLIT)} {split}s"
     print(line + f" | {metrics['metric/total_time']:.0f}s", flush=True)
 
 
