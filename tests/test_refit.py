@@ -146,3 +146,10 @@ def test_a_parameter_budget_takes_the_allocation_its_judge_prefers_within_the_bu
     assert lstm_units(scale) == max(units for units, _ in judged)
     assert sizer.config.rank_tol.lstm < mc.RankTol().lstm  # the halved LSTM tolerance won
     assert knob["rank_tol"] == sizer.config.rank_tol.scaled(scale)
+
+    def narrow_cnn(scale: float) -> float:  # a judge that prefers narrow convolutions
+        return sum(layer.width_after for layer in sizer.plan(scale)[0].layers if layer.kind == "cnn")
+
+    sizer.config = mc.CollapseConfig(metric="basis")
+    sizer.allocate(lambda plan: plan.kept_fraction <= 0.3, "budget.params=0.3", narrow_cnn, factors=(0.5, 4.0))
+    assert sizer.config.rank_tol.cnn == 4 * mc.RankTol().cnn  # one kind times 4 takes most of the cut
