@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this 
 
 from experiments.recipes import collapse_arena  # noqa: E402
 from metta_collapse.training.checkpoint import checkpoint_epochs  # noqa: E402
-from metta_collapse.training.config import apply_override  # noqa: E402
 from metta_collapse.training.metrics import read_metrics  # noqa: E402
+from metta_collapse.training.runner import build_tool  # noqa: E402
 
 ARMS = {
     "default units + refit": {},
@@ -43,12 +43,11 @@ ARMS = {
 
 
 def run(train_dir: str, run_name: str, overrides: dict[str, str]) -> Path:
-    tool = collapse_arena.small(run_name)
+    """The run as its command line would give it (a branch then keeps these settings over its source's)."""
     settings = {"train_dir": train_dir, "wandb.enabled": "false", "trainer.checkpoint.wandb_checkpoint_interval": "0"}
-    for key, value in {**settings, **overrides}.items():
-        apply_override(tool, key, value)
-    tool.invoke()
-    return Path(train_dir) / tool.run
+    argv = [f"{key}={value}" for key, value in {**settings, **overrides}.items()]
+    build_tool(["experiments.recipes.collapse_arena.small", f"run={run_name}", *argv]).invoke()
+    return Path(train_dir) / run_name
 
 
 def rewards_after(run_dir: Path, epoch: int, after: int) -> float:

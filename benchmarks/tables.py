@@ -155,14 +155,17 @@ def distributed(results_dir: Path) -> str:
 
 @renderer
 def frontier(results_dir: Path, name: str) -> str:
-    """A frontier file (`metta-collapse frontier`): per budget, the held-out KL mean / value error of every choice
-    of units, refitted and plain, and of random units + refit at the basis's widths (median and min–max over its
-    seeds), and random's median KL ÷ the basis + refit's."""
-    rows = [r for r in load(results_dir, f"frontier/{name}")["rows"] if r["budget"] is not None]
+    """A frontier file (`metta-collapse frontier`): per budget (of the parameters, or of the multiply-adds with
+    `--size macs`), the held-out KL mean / value error of every choice of units, refitted and plain, and of random
+    units + refit at the basis's widths (median and min–max over its seeds), and random's median KL ÷ the basis +
+    refit's."""
+    result = load(results_dir, f"frontier/{name}")
+    rows = [r for r in result["rows"] if r["budget"] is not None]
     randoms = [r for r in rows if r["units"].startswith("random")]
     units = list(dict.fromkeys(r["units"] for r in rows if r not in randoms))
     n = len({r["seed"] for r in randoms})
-    header = ["budget", "kept (basis)"]
+    macs = result.get("size") == "macs"
+    header = ["budget.macs" if macs else "budget", "MACs kept (basis)" if macs else "kept (basis)"]
     header += [f"{u} {suffix}" for u in units for suffix in ("+ refit", "plain")]
     header += [f"random + refit, median of {n}", "random + refit, min–max", "random ÷ basis"]
 
@@ -174,7 +177,7 @@ def frontier(results_dir: Path, name: str) -> str:
         at = {(r["units"], r["refit"]): r for r in rows if r["budget"] == budget and r not in randoms}
         random = [r for r in randoms if r["budget"] == budget]
         basis = at.get(("basis", True))
-        line = [f"{budget:g}", f"{(basis or [*at.values(), *random][0])['kept']:.1%}"]
+        line = [f"{budget:g}", f"{(basis or [*at.values(), *random][0])['macs_kept' if macs else 'kept']:.1%}"]
         line += [cell(at.get((u, refit))) for u in units for refit in (True, False)]
         if random:
             kl, value = sorted(r["kl_mean"] for r in random), sorted(r["value_err"] for r in random)
