@@ -147,7 +147,10 @@ def main() -> None:
             "params": sum(p.numel() for p in policies[arm].parameters()),
             "macs_per_step": record["macs_per_step_after"] if record else any_record["macs_per_step_before"],
             "latency_seconds": latency(policies[arm], observations, args.repeats),
-            "layers": {layer["name"]: layer["width_after"] for layer in record["layers"]} if record else None,
+            "layers": [
+                {key: layer.get(key) for key in ("name", "width_before", "width_after", "macs_before", "macs_after")}
+                for layer in (record or any_record)["layers"]
+            ],
         }
     for arm, result in results.items():
         base = results["before"]
