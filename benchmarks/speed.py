@@ -147,8 +147,13 @@ def main() -> None:
             "params": sum(p.numel() for p in policies[arm].parameters()),
             "macs_per_step": record["macs_per_step_after"] if record else any_record["macs_per_step_before"],
             "latency_seconds": latency(policies[arm], observations, args.repeats),
-            "layers": [
-                {key: layer.get(key) for key in ("name", "width_before", "width_after", "macs_before", "macs_after")}
+            "layers": [  # before: the uncollapsed layers, from a collapse record
+                {
+                    key: layer[key]
+                    for key in ("name", "width_before", "macs_before", "width_after", "macs_after")[
+                        : 5 if record else 3
+                    ]
+                }
                 for layer in (record or any_record)["layers"]
             ],
         }
