@@ -912,6 +912,21 @@ def test_on_the_adapters_rollouts_the_refit_changes_the_policy_less_than_the_pla
 @pytest.mark.parametrize(
     ("era", "make"), [("current", CurrentFast), ("september", ComponentFast), ("september", SeptemberFast)]
 )
+def test_in_both_eras_a_multiply_add_budget_holds_and_narrows_the_encoder(era: str, make: type):
+    torch.manual_seed(10)
+    model = make()
+    recording = rollouts(era, model, fit_steps=1200, box=torch.rand(96, 24, 11, 11), passes=25)
+    record = hooks.collapse_agent(
+        model, torch.optim.Adam(model.parameters()), era, SECTION(budget={"macs": 0.5}), recording
+    )
+    assert record["macs_per_step_after"] <= 0.5 * record["macs_per_step_before"]
+    convolutions = [layer for layer in record["layers"] if layer["kind"] == "cnn"]
+    assert convolutions and any(layer["width_after"] < layer["width_before"] for layer in convolutions)
+
+
+@pytest.mark.parametrize(
+    ("era", "make"), [("current", CurrentFast), ("september", ComponentFast), ("september", SeptemberFast)]
+)
 def test_the_adapter_keeps_each_pass_even_when_the_trainer_reuses_one_buffer(era: str, make: type):
     """Trainers write each step's observations into one buffer: what a part holds is every pass, not the last."""
     torch.manual_seed(0)
