@@ -22,6 +22,7 @@ from metta_collapse.errors import CollapseError
 from metta_collapse.plan import CollapsePlan
 from metta_collapse.refitting import refit
 from metta_collapse.rewrite import (
+    RecurrentStack,
     ablate,
     collapse,
     keep,
@@ -112,12 +113,21 @@ def layer_costs(module: nn.Module, names: list[str], counted: dict) -> dict[str,
     """Parameters and multiply-adds per agent step of the named layers of `module` (`counted`: from `cost`)."""
     costs = {}
     for name in names:
+        owner, _, index = name.rpartition(".l")
         try:
             layer = module.get_submodule(name)
-        except AttributeError:  # a bare parameter
-            continue
-        macs = _recurrent_macs(layer) + _counted_macs(counted, name)
-        costs[name] = {"params": sum(p.numel() for p in layer.parameters()), "macs": round(macs)}
+            params = list(layer.parameters())
+            macs = _recurrent_macs(layer) + _counted_macs(counted, name)
+        except AttributeError:  # a bare parameter, or layer `index` of a multi-layer recurrent module (or its stack)
+            recurrent = module.get_submodule(owner) if owner and index.isdigit() else None
+            if isinstance(recurrent, RecurrentStack):
+                params = list(recurrent.layers[int(index)].parameters())
+            elif isinstance(recurrent, nn.RNNBase):
+                params = [p for key, p in recurrent.named_parameters() if key.endswith(f"_l{index}")]
+            else:
+                continue
+            macs = sum(p.numel() for p in params if p.dim() == 2)
+        costs[name] = {"params": sum(p.numel() for p in params), "macs": round(macs)}
     return costs
 
 
@@ -289,14 +299,15 @@ def collapse_live(
         with torch.no_grad():
             return behaviour_change(reference(), data.select_behaviour(trial, plan))["kl_mean"]
 
+    params_before = sum(p.numel() for p in policy.parameters())
     scale = 1.0
     if budget.size is not None:
         size, fraction = budget.size
         uses, macs_before = weight_uses(module, counted_before), cost_before["macs_per_step"]
 
         def within(plan: CollapsePlan) -> bool:
-            if size == "params":
-                return plan.kept_fraction <= fraction
+            if size == "params":  # of the whole policy, as the user counts, not only of the analysed module
+                return params_before - (plan.params_before - plan.params_after) <= fraction * params_before
             saved = sum(
                 uses[name] * (math.prod(p.shape) - math.prod(p.new_shape()))
                 for name, p in plan.params.items()
@@ -325,7 +336,6 @@ def collapse_live(
     plan, kept, knob = sizer.plan(scale)
     names = [layer.name for layer in plan.layers]
     layers_before = layer_costs(module, names, counted_before)
-    params_before = sum(p.numel() for p in policy.parameters())
     saved = [(buffer.holder, buffer.key, buffer.holder[buffer.key]) for buffer in buffers]
     # re-initialising and the refit write into parameters that keep their width; everything else gets new tensors
     weights = [(p, p.detach().clone()) for p in policy.parameters()]

@@ -927,6 +927,23 @@ def test_in_both_eras_a_multiply_add_budget_holds_and_narrows_the_encoder(era: s
 @pytest.mark.parametrize(
     ("era", "make"), [("current", CurrentFast), ("september", ComponentFast), ("september", SeptemberFast)]
 )
+def test_in_both_eras_a_parameter_budget_bounds_the_whole_agent_and_the_record_costs_each_lstm_layer(
+    era: str, make: type
+):
+    torch.manual_seed(10)
+    model = make()
+    recording = rollouts(era, model, fit_steps=1200, box=torch.rand(96, 24, 11, 11), passes=25)
+    section = SECTION(budget={"params": 0.25})
+    record = hooks.collapse_agent(model, torch.optim.Adam(model.parameters()), era, section, recording)
+    assert record["params_after"] == sum(p.numel() for p in model.parameters()) <= 0.25 * record["params_before"]
+    lstm = [layer for layer in record["layers"] if layer["kind"] == "lstm"]
+    assert lstm and all(layer["params_after"] < layer["params_before"] for layer in lstm)  # never None
+    assert all(layer["macs_after"] <= layer["params_after"] for layer in lstm)
+
+
+@pytest.mark.parametrize(
+    ("era", "make"), [("current", CurrentFast), ("september", ComponentFast), ("september", SeptemberFast)]
+)
 def test_the_adapter_keeps_each_pass_even_when_the_trainer_reuses_one_buffer(era: str, make: type):
     """Trainers write each step's observations into one buffer: what a part holds is every pass, not the last."""
     torch.manual_seed(0)
