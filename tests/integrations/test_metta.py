@@ -966,3 +966,22 @@ def test_the_adapter_keeps_each_pass_even_when_the_trainer_reuses_one_buffer(era
         assert torch.equal(fit, expected)
     else:  # an entry past the box (the encoder's input): its rows still differ from pass to pass
         assert len({row.numpy().tobytes() for row in fit.reshape(5, 48, -1)}) == 5
+
+
+def test_septembers_recipe_refuses_the_current_eras_sweep_evaluation_in_one_line(monkeypatch: pytest.MonkeyPatch):
+    import importlib.util
+
+    import metta_collapse.integrations
+
+    monkeypatch.setattr(metta_collapse.integrations, "detect_era", lambda: "september")
+    monkeypatch.setattr(adapter, "detect_era", lambda: "september")
+    path = Path(importlib.import_module("experiments.recipes.collapse_arena").__file__)
+    spec = importlib.util.spec_from_file_location("collapse_arena_in_september", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    assert recipe.RUNTIME == "september"
+    with pytest.raises(NotImplementedError, match="this is september Metta") as refused:
+        recipe.evaluate_in_sweep("file:///tmp/p.pt")
+    assert "\n" not in str(refused.value)
+    with pytest.raises(NotImplementedError, match="September: use the embedded one"):
+        recipe.sweep("s")

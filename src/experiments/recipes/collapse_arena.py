@@ -42,6 +42,13 @@ else:
         return metta_train()
 
     def evaluate_in_sweep(policy_uri: str):  # noqa: ANN201
+        """What current Metta's sweep calls to score a trial; September has neither that sweep nor `recipes.prod`."""
+        if RUNTIME != "current":
+            raise NotImplementedError(
+                f"collapse_arena.evaluate_in_sweep is current Metta's sweep evaluation; this is {RUNTIME} Metta, "
+                "whose sweep this recipe does not drive: evaluate with September's own sim tool, or sweep on the "
+                "embedded runtime"
+            )
         from recipes.prod import arena_basic_easy_shaped
 
         return arena_basic_easy_shaped.evaluate_in_sweep(policy_uri)
