@@ -151,3 +151,16 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path):
     assert [m["metric/epoch"] for m in metrics] == list(range(1, last["epoch"] + 3))
     assert metrics[last["epoch"]]["metric/agent_step"] == last["agent_step"] + 384
     assert metrics[-1]["metric/agent_step"] == total
+
+
+def test_an_epoch_without_a_finished_episode_keeps_the_console_columns(capsys):
+    from metta_collapse.training.trainer import print_progress
+
+    metrics = {"metric/epoch": 3, "metric/agent_step": 1152, "overview/sps": 100.0, "experience/rewards": 0.01}
+    metrics |= {f"performance/{part}_seconds": 0.1 for part in ("env", "forward", "update", "other")}
+    metrics |= {"metric/total_time": 5.0, "losses/policy_loss": 0.1, "losses/value_loss": 0.2, "losses/entropy": 1.6}
+    print_progress(metrics | {"env_agent/heart.gained": 1.5}, 2000)
+    print_progress(metrics, 2000)
+    with_hearts, without = capsys.readouterr().out.splitlines()
+    assert [cell.split()[0] for cell in with_hearts.split(" | ")] == [cell.split()[0] for cell in without.split(" | ")]
+    assert "hearts/episode 1.50" in with_hearts and "hearts/episode –" in without

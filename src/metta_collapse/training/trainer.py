@@ -292,8 +292,9 @@ def print_progress(metrics: dict[str, float], total: int) -> None:
         f"epoch {metrics['metric/epoch']} | agent steps {metrics['metric/agent_step']:,}/{total:,} | "
         f"{metrics['overview/sps']:,.0f} sps | reward/step {metrics['experience/rewards']:.4f}"
     )
-    if "env_agent/heart.gained" in metrics:
-        line += f" | hearts/episode {metrics['env_agent/heart.gained']:.2f}"
+    # an epoch in which no episode ended has no hearts: a dash keeps the columns in place
+    hearts = metrics.get("env_agent/heart.gained")
+    line += f" | hearts/episode {'–' if hearts is None else f'{hearts:.2f}'}"
     losses = [(name, metrics.get(f"losses/{key}")) for name, key in LOSSES]
     line += "".join(f" | {name} {value:.3g}" for name, value in losses if value is not None)
     split = "/".join(f"{metrics[f'performance/{part}_seconds']:.2f}" for part in TIME_SPLIT)
