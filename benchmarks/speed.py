@@ -168,6 +168,7 @@ def main() -> None:
             f"{result['latency_seconds'] * 1e6:.1f} us per agent step alone "
             f"({base['latency_seconds'] / result['latency_seconds']:.2f}x faster)"
         )
+    overhead = calls_per_epoch * call_seconds / results["before"]["median_epoch_seconds"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -179,13 +180,12 @@ def main() -> None:
                 "latency_batch": AGENTS,
                 "profile_calls_per_epoch": calls_per_epoch,
                 "profile_call_seconds": call_seconds,
-                "profile_overhead": calls_per_epoch * call_seconds / results["before"]["median_epoch_seconds"],
+                "profile_overhead": overhead,
                 "results": results,
             },
             indent=2,
         )
     )
-    overhead = calls_per_epoch * call_seconds / results["before"]["median_epoch_seconds"]
     print(f"the time split: {calls_per_epoch:,.0f} profile calls per epoch, {overhead:.3%} of an epoch")
     print(f"wrote {args.out}")
 

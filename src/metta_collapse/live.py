@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from metta_collapse.activations import recurrent_layers
 from metta_collapse.analysis import analyze
 from metta_collapse.basis import apply_widths, bases, scale_within, smallest_scale, structure, widths_at
 from metta_collapse.config import Budget, CollapseConfig, ModelSpec, RankTol, Thresholds
@@ -120,12 +121,9 @@ def layer_costs(module: nn.Module, names: list[str], counted: dict) -> dict[str,
             macs = _recurrent_macs(layer) + _counted_macs(counted, name)
         except AttributeError:  # a bare parameter, or layer `index` of a multi-layer recurrent module (or its stack)
             recurrent = module.get_submodule(owner) if owner and index.isdigit() else None
-            if isinstance(recurrent, RecurrentStack):
-                params = list(recurrent.layers[int(index)].parameters())
-            elif isinstance(recurrent, nn.RNNBase):
-                params = [p for key, p in recurrent.named_parameters() if key.endswith(f"_l{index}")]
-            else:
+            if not isinstance(recurrent, nn.RNNBase | RecurrentStack):
                 continue
+            params = list(recurrent_layers(recurrent)[int(index)].values())
             macs = sum(p.numel() for p in params if p.dim() == 2)
         costs[name] = {"params": sum(p.numel() for p in params), "macs": round(macs)}
     return costs
@@ -308,6 +306,7 @@ def collapse_live(
         def within(plan: CollapsePlan) -> bool:
             if size == "params":  # of the whole policy, as the user counts, not only of the analysed module
                 return params_before - (plan.params_before - plan.params_after) <= fraction * params_before
+            # only the weights `uses` knows shrink the count; any other multiply-add is counted as kept
             saved = sum(
                 uses[name] * (math.prod(p.shape) - math.prod(p.new_shape()))
                 for name, p in plan.params.items()

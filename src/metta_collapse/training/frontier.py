@@ -116,8 +116,21 @@ def frontier(
 def frontier_table(result: dict) -> str:
     from metta_collapse.training.report import format_table
 
-    header = ("budget", "units", "refit", "seed", "params kept", "MACs kept", "KL mean", "KL max", "value err", "top-1")
-    rows = [(*header, "seconds")]
+    rows = [
+        (
+            "budget",
+            "units",
+            "refit",
+            "seed",
+            "params kept",
+            "MACs kept",
+            "KL mean",
+            "KL max",
+            "value err",
+            "top-1",
+            "seconds",
+        )
+    ]
     for r in result["rows"]:
         rows.append(
             (
